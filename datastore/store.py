@@ -1,0 +1,338 @@
+"""The embedded datastore: open a built directory and search, fetch, upsert, delete.
+
+The gRPC service is a thin layer over this class, so embedded use and served use share
+every rule: validation, tenant visibility, merge across shards, durability (an upsert
+returns once its LMDB transaction is committed with sync; indexes follow in memory and
+are saved on close, or rebuilt from LMDB on the next open after a crash).
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from datastore.encoder import Encoder
+from datastore.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from datastore.indexing import index_dir, open_index, save_index
+from datastore.manifest import Manifest
+from datastore.records import MAX_ID, Hit, Passage
+from datastore.shard import Shard
+from datastore.sharding import merge_topk, shard_of
+from index import SearchParams, SearchResult, VectorIndex
+from index.base import dir_size
+
+Query = str | np.ndarray
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Request limits, enforced the same way embedded and served."""
+
+    max_k: int = 10_000
+    max_batch: int = 4_096
+    max_upsert_batch: int = 65_536
+    max_text_chars: int = 1_000_000
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    shard_id: int
+    passages: int
+    disk_bytes: int
+    index_memory_bytes: int
+    index_disk_bytes: int
+
+
+@dataclass(frozen=True)
+class DatastoreStats:
+    passages: int
+    dim: int
+    model: str
+    index_kind: str
+    metric: str
+    shards: list[ShardInfo] = field(default_factory=list)
+
+
+class Datastore:
+    """A built datastore directory, opened for queries and updates (one process at a time)."""
+
+    def __init__(self, directory: Path | str, *, limits: Limits = Limits(),
+                 encoder_factory: Callable[[str], Encoder] | None = None) -> None:
+        self.directory = Path(directory)
+        self.manifest = Manifest.load(self.directory)
+        if not self.manifest.complete:
+            raise FailedPrecondition(f"{self.directory}: the build did not finish",
+                                     hint="rerun the same `datastore build` command to resume it")
+        self.limits = limits
+        self.dim = self.manifest.model.dim
+        self._encoder_factory = encoder_factory or (lambda name: Encoder(name))
+        self._encoder: Encoder | None = None
+        self._encoder_lock = threading.Lock()
+        self.shards = [Shard(self.directory / d, i, self.dim, self.manifest.vector_dtype)
+                       for i, d in enumerate(self.manifest.shard_dirs)]
+        self.indexes: list[VectorIndex] = [open_index(s, self.manifest.index) for s in self.shards]
+        # faiss indexes are not safe to mutate while searched: one lock per shard
+        self._locks = [threading.Lock() for _ in self.shards]
+        self._dirty = [False for _ in self.shards]
+        self._pool = ThreadPoolExecutor(max_workers=max(1, min(len(self.shards), 8)),
+                                        thread_name_prefix="shard-search")
+        last = [s.last_id() for s in self.shards]
+        self._next_id = max((i for i in last if i is not None), default=-1) + 1
+        self._id_lock = threading.Lock()
+        self._filter_cache: dict[tuple[int, int, tuple], np.ndarray] = {}
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def __enter__(self) -> "Datastore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def flush(self) -> None:
+        """Save indexes changed since the last save (LMDB already holds every write)."""
+        for i, shard in enumerate(self.shards):
+            with self._locks[i]:
+                if self._dirty[i]:
+                    save_index(shard, self.indexes[i])
+                    self._dirty[i] = False
+
+    def close(self) -> None:
+        if not self.shards:
+            return
+        self.flush()
+        self._pool.shutdown(wait=True)
+        for s in self.shards:
+            s.close()
+        self.shards = []
+
+    @property
+    def encoder(self) -> Encoder:
+        with self._encoder_lock:
+            if self._encoder is None:
+                enc = self._encoder_factory(self.manifest.model.name)
+                if enc.dim != self.dim:
+                    raise FailedPrecondition(f"model {self.manifest.model.name} makes {enc.dim}-d vectors but the "
+                                             f"datastore holds {self.dim}-d ones")
+                self._encoder = enc
+            return self._encoder
+
+    # -- validation -----------------------------------------------------------------------------
+
+    def _check_k(self, k: int) -> None:
+        if not isinstance(k, (int, np.integer)) or not 1 <= k <= self.limits.max_k:
+            raise InvalidArgument.field("k", f"must be between 1 and {self.limits.max_k}, got {k}")
+
+    def check_vectors(self, vectors: np.ndarray, name: str = "vector") -> np.ndarray:
+        vectors = np.asarray(vectors)
+        if vectors.ndim == 1:
+            vectors = vectors[None, :]
+        if vectors.ndim != 2 or vectors.shape[1] != self.dim:
+            raise InvalidArgument.field(name, f"dimension must be {self.dim}, got {vectors.shape[-1]}")
+        if not np.issubdtype(vectors.dtype, np.number):
+            raise InvalidArgument.field(name, f"must be numeric, got {vectors.dtype}")
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        if not np.isfinite(vectors).all():
+            raise InvalidArgument.field(name, "holds NaN or inf")
+        return vectors
+
+    def embed_queries(self, queries: Sequence[Query]) -> np.ndarray:
+        """Texts embedded in one batch, vectors checked; rows in request order."""
+        if len(queries) == 0:
+            raise InvalidArgument.field("queries", "the batch is empty")
+        if len(queries) > self.limits.max_batch:
+            raise ResourceExhausted(f"queries: {len(queries)} in one batch, at most {self.limits.max_batch}",
+                                    subject="batch size")
+        out = np.empty((len(queries), self.dim), np.float32)
+        texts, text_rows = [], []
+        for i, q in enumerate(queries):
+            if isinstance(q, str):
+                if not q.strip():
+                    raise InvalidArgument.field(f"queries[{i}]", "empty query text")
+                if len(q) > self.limits.max_text_chars:
+                    raise ResourceExhausted(f"queries[{i}]: text of {len(q)} chars, at most "
+                                            f"{self.limits.max_text_chars}", subject="text size")
+                texts.append(q)
+                text_rows.append(i)
+            else:
+                out[i] = self.check_vectors(np.asarray(q), f"queries[{i}]")[0]
+        if texts:
+            out[text_rows] = self.encoder.encode(texts)
+        return out
+
+    # -- queries --------------------------------------------------------------------------------
+
+    def search_vectors(self, vectors: np.ndarray, k: int, tenant: str | None = None,
+                       metadata_filter: dict[str, str] | None = None,
+                       params: SearchParams | None = None) -> SearchResult:
+        """Merged top-k over all shards for float32 (Q, dim) queries."""
+        self._check_k(k)
+        vectors = self.check_vectors(vectors, "queries")
+
+        def one(i: int) -> SearchResult:
+            allowed = self._filter_ids(i, metadata_filter) if metadata_filter else None
+            with self._locks[i]:
+                return self.indexes[i].search(vectors, k, tenant=tenant, params=params, allowed_ids=allowed)
+
+        parts = list(self._pool.map(one, range(len(self.shards))))
+        return merge_topk(parts, k)
+
+    def search(self, queries: Sequence[Query], k: int = 10, tenant: str | None = None,
+               metadata_filter: dict[str, str] | None = None, params: SearchParams | None = None,
+               include_text: bool = True) -> list[list[Hit]]:
+        """Top-k hits per query (text or vector), with passages (text when `include_text`)."""
+        self._check_k(k)
+        result = self.search_vectors(self.embed_queries(queries), k, tenant, metadata_filter, params)
+        found = {p.id: p for p in self._fetch(np.unique(result.ids[result.ids >= 0]).tolist()) if p is not None}
+        hits = []
+        for q in range(result.num_queries):
+            row = []
+            for pid, score in result.row(q):
+                p = found.get(pid)
+                if p is None:  # deleted between search and fetch
+                    continue
+                if not include_text:
+                    p = Passage(p.id, "", p.title, p.source, p.tenants, p.metadata)
+                row.append(Hit(pid, score, p))
+            hits.append(row)
+        return hits
+
+    def _fetch(self, ids: Sequence[int]) -> list[Passage | None]:
+        """Passages by id, grouped per shard, in the order asked."""
+        ids = [int(i) for i in ids]
+        out: list[Passage | None] = [None] * len(ids)
+        if not ids:
+            return out
+        where = shard_of(np.asarray(ids, np.int64), len(self.shards))
+        for s, shard in enumerate(self.shards):
+            sel = np.flatnonzero(where == s)
+            if len(sel):
+                for j, p in zip(sel, shard.get([ids[j] for j in sel])):
+                    out[j] = p
+        return out
+
+    def get_passages(self, ids: Sequence[int], tenant: str | None = None) -> list[Passage]:
+        """Passages by id; NotFound names ids that do not exist or that `tenant` may not see."""
+        if len(ids) == 0:
+            raise InvalidArgument.field("ids", "no ids given")
+        if len(ids) > self.limits.max_upsert_batch:
+            raise ResourceExhausted(f"ids: {len(ids)} in one call, at most {self.limits.max_upsert_batch}",
+                                    subject="batch size")
+        self._check_ids(ids)
+        got = self._fetch(ids)
+        missing = [int(i) for i, p in zip(ids, got) if p is None or not p.visible_to(tenant)]
+        if missing:
+            raise NotFound(f"no passage with id {', '.join(map(str, missing[:10]))}"
+                           + (f" and {len(missing) - 10} more" if len(missing) > 10 else ""),
+                           resource_type="passage", resource_name=",".join(map(str, missing[:10])))
+        return got  # type: ignore[return-value]
+
+    def _filter_ids(self, shard_no: int, metadata_filter: dict[str, str]) -> np.ndarray:
+        """Ids of the shard whose metadata holds every (key, value) of the filter (cached per
+        write sequence, so a write invalidates it)."""
+        shard = self.shards[shard_no]
+        cache_key = (shard_no, shard.seq, tuple(sorted(metadata_filter.items())))
+        ids = self._filter_cache.get(cache_key)
+        if ids is None:
+            ids = np.array([p.id for p in shard.iter_passages()
+                            if all(p.metadata.get(k) == v for k, v in metadata_filter.items())], np.int64)
+            if len(self._filter_cache) > 256:
+                self._filter_cache.clear()
+            self._filter_cache[cache_key] = ids
+        return ids
+
+    # -- updates --------------------------------------------------------------------------------
+
+    def _check_ids(self, ids: Sequence[int]) -> None:
+        for i in ids:
+            if not isinstance(i, (int, np.integer)) or not 0 <= int(i) <= MAX_ID:
+                raise InvalidArgument.field("ids", f"id {i} is not an integer in [0, 2^63)")
+
+    def upsert(self, passages: Sequence[Passage], vectors: np.ndarray | None = None) -> list[int]:
+        """Store passages (new ids for those with id < 0), embedding texts without a vector.
+
+        Returns the ids once every shard's transaction is committed."""
+        if len(passages) == 0:
+            raise InvalidArgument.field("passages", "nothing to upsert")
+        if len(passages) > self.limits.max_upsert_batch:
+            raise ResourceExhausted(f"{len(passages)} passages in one upsert, at most "
+                                    f"{self.limits.max_upsert_batch}", subject="batch size")
+        for n, p in enumerate(passages):
+            if not isinstance(p.text, str) or (vectors is None and not p.text.strip()):
+                raise InvalidArgument.field(f"passages[{n}].text", "must be non-empty text (or send a vector)")
+            if len(p.text) > self.limits.max_text_chars:
+                raise ResourceExhausted(f"passages[{n}].text: {len(p.text)} chars, at most "
+                                        f"{self.limits.max_text_chars}", subject="text size")
+            if p.id >= 0:
+                self._check_ids([p.id])
+        if vectors is not None:
+            vectors = self.check_vectors(vectors, "vectors")
+            if len(vectors) != len(passages):
+                raise InvalidArgument.field("vectors", f"{len(vectors)} vectors for {len(passages)} passages")
+        else:
+            vectors = self.encoder.encode([p.embedding_input() for p in passages])
+        with self._id_lock:
+            stored = []
+            for p in passages:
+                if p.id < 0:
+                    p = Passage(self._next_id, p.text, p.title, p.source, p.tenants, p.metadata)
+                self._next_id = max(self._next_id, p.id + 1)
+                stored.append(p)
+        ids = np.array([p.id for p in stored], np.int64)
+        if len(np.unique(ids)) != len(ids):
+            raise InvalidArgument.field("passages", "the same id appears twice in one upsert")
+        where = shard_of(ids, len(self.shards))
+        for s, shard in enumerate(self.shards):
+            sel = np.flatnonzero(where == s)
+            if not len(sel):
+                continue
+            with self._locks[s]:
+                shard.put([stored[i] for i in sel], vectors[sel])
+                self.indexes[s].add(ids[sel], vectors[sel], [stored[i].tenants for i in sel])
+                self._dirty[s] = True
+        return ids.tolist()
+
+    def delete(self, ids: Sequence[int]) -> int:
+        """Delete passages by id; ids that do not exist are ignored. Returns how many went."""
+        if len(ids) == 0:
+            raise InvalidArgument.field("ids", "no ids given")
+        self._check_ids(ids)
+        arr = np.asarray([int(i) for i in ids], np.int64)
+        where = shard_of(arr, len(self.shards))
+        deleted = 0
+        for s, shard in enumerate(self.shards):
+            sel = arr[where == s]
+            if not len(sel):
+                continue
+            with self._locks[s]:
+                gone = shard.delete(sel.tolist())
+                if gone:
+                    self.indexes[s].remove(np.asarray(gone, np.int64))
+                    self._dirty[s] = True
+                deleted += len(gone)
+        return deleted
+
+    # -- stats ----------------------------------------------------------------------------------
+
+    def stats(self) -> DatastoreStats:
+        infos = []
+        for s, shard in enumerate(self.shards):
+            st = self.indexes[s].stats()
+            infos.append(ShardInfo(s, len(shard), shard.disk_bytes(), st.memory_bytes, dir_size(index_dir(shard))))
+        m = self.manifest
+        return DatastoreStats(sum(i.passages for i in infos), self.dim, m.model.name, m.index.kind, m.index.metric,
+                              infos)
+
+
+def open_datastore(directory: Path | str, **kwargs) -> Datastore:
+    """Open a datastore directory; NotFound if it holds none."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise NotFound(f"{directory} does not exist", resource_type="datastore", resource_name=str(directory),
+                       hint="build one with `datastore build INPUT --out DIR`")
+    return Datastore(directory, **kwargs)

@@ -1,0 +1,118 @@
+"""The index protocol every kind implements, and the small typed values it trades in.
+
+The service and the datastore only ever talk to `VectorIndex`, so they never branch on
+the kind. Scores are similarities: higher is better (inner product, or minus the squared
+L2 distance for metric "l2").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Literal, Protocol, Sequence, runtime_checkable
+
+import numpy as np
+
+Metric = Literal["ip", "l2"]
+METRICS: tuple[str, ...] = ("ip", "l2")
+#: Marks an empty slot in `SearchResult.ids` when fewer than k vectors qualify.
+MISSING_ID = -1
+
+
+@dataclass(frozen=True)
+class SearchParams:
+    """Per-query knobs; each kind reads the fields it knows and ignores the rest."""
+
+    nprobe: int | None = None
+    prune_epsilon: float | None = None
+    ef_search: int | None = None
+    oversample: float | None = None
+    candidate_budget: int | None = None
+
+
+@dataclass
+class SearchResult:
+    """Top-k of a batch: `ids` int64 (Q, k) padded with MISSING_ID, `scores` float32 (Q, k)."""
+
+    ids: np.ndarray
+    scores: np.ndarray
+
+    def __post_init__(self) -> None:
+        if self.ids.shape != self.scores.shape or self.ids.ndim != 2:
+            raise ValueError(f"ids {self.ids.shape} and scores {self.scores.shape} must be equal (Q, k) shapes")
+
+    @property
+    def num_queries(self) -> int:
+        return self.ids.shape[0]
+
+    @property
+    def k(self) -> int:
+        return self.ids.shape[1]
+
+    def row(self, i: int) -> list[tuple[int, float]]:
+        """(id, score) pairs of query i, best first, padding dropped."""
+        keep = self.ids[i] != MISSING_ID
+        return list(zip(self.ids[i][keep].tolist(), self.scores[i][keep].tolist()))
+
+    @classmethod
+    def empty(cls, num_queries: int, k: int) -> "SearchResult":
+        return cls(np.full((num_queries, k), MISSING_ID, np.int64), np.full((num_queries, k), -np.inf, np.float32))
+
+
+@dataclass(frozen=True)
+class IndexStats:
+    kind: str
+    count: int
+    dim: int
+    memory_bytes: int
+    disk_bytes: int
+    extra: dict = field(default_factory=dict)
+
+
+@runtime_checkable
+class VectorIndex(Protocol):
+    """What every index kind provides; vectors are float32 (n, dim), ids int64 (n,)."""
+
+    kind: str
+    dim: int
+    metric: Metric
+
+    def train(self, sample: np.ndarray) -> None: ...
+
+    def add(self, ids: np.ndarray, vectors: np.ndarray, tenants: Sequence[Iterable[str]] | None = None) -> None: ...
+
+    def remove(self, ids: np.ndarray) -> int: ...
+
+    def search(
+        self,
+        queries: np.ndarray,
+        k: int,
+        tenant: str | None = None,
+        params: SearchParams | None = None,
+        allowed_ids: np.ndarray | None = None,
+    ) -> SearchResult: ...
+
+    def save(self, directory: Path) -> None: ...
+
+    def stats(self) -> IndexStats: ...
+
+    def __len__(self) -> int: ...
+
+
+def check_vectors(vectors: np.ndarray, dim: int, name: str = "vectors") -> np.ndarray:
+    """A float32 C-contiguous (n, dim) view of `vectors`, or ValueError saying what is wrong."""
+    vectors = np.asarray(vectors)
+    if vectors.ndim != 2 or vectors.shape[1] != dim:
+        raise ValueError(f"{name} must have shape (n, {dim}), got {vectors.shape}")
+    return np.ascontiguousarray(vectors, dtype=np.float32)
+
+
+def check_ids(ids: np.ndarray, n: int) -> np.ndarray:
+    ids = np.asarray(ids)
+    if ids.shape != (n,):
+        raise ValueError(f"ids must have shape ({n},), got {ids.shape}")
+    return np.ascontiguousarray(ids, dtype=np.int64)
+
+
+def dir_size(directory: Path) -> int:
+    return sum(p.stat().st_size for p in Path(directory).rglob("*") if p.is_file())

@@ -1,0 +1,199 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class VectorEncoding(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    VECTOR_ENCODING_UNSPECIFIED: _ClassVar[VectorEncoding]
+    VECTOR_ENCODING_FLOAT32: _ClassVar[VectorEncoding]
+    VECTOR_ENCODING_FLOAT16: _ClassVar[VectorEncoding]
+    VECTOR_ENCODING_BINARY: _ClassVar[VectorEncoding]
+VECTOR_ENCODING_UNSPECIFIED: VectorEncoding
+VECTOR_ENCODING_FLOAT32: VectorEncoding
+VECTOR_ENCODING_FLOAT16: VectorEncoding
+VECTOR_ENCODING_BINARY: VectorEncoding
+
+class Vector(_message.Message):
+    __slots__ = ("data", "dim", "encoding")
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    DIM_FIELD_NUMBER: _ClassVar[int]
+    ENCODING_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    dim: int
+    encoding: VectorEncoding
+    def __init__(self, data: _Optional[bytes] = ..., dim: _Optional[int] = ..., encoding: _Optional[_Union[VectorEncoding, str]] = ...) -> None: ...
+
+class Passage(_message.Message):
+    __slots__ = ("id", "text", "title", "source", "tenants", "metadata")
+    class MetadataEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    ID_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    TITLE_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    TENANTS_FIELD_NUMBER: _ClassVar[int]
+    METADATA_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    text: str
+    title: str
+    source: str
+    tenants: _containers.RepeatedScalarFieldContainer[str]
+    metadata: _containers.ScalarMap[str, str]
+    def __init__(self, id: _Optional[int] = ..., text: _Optional[str] = ..., title: _Optional[str] = ..., source: _Optional[str] = ..., tenants: _Optional[_Iterable[str]] = ..., metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class Query(_message.Message):
+    __slots__ = ("text", "vector")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    VECTOR_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    vector: Vector
+    def __init__(self, text: _Optional[str] = ..., vector: _Optional[_Union[Vector, _Mapping]] = ...) -> None: ...
+
+class SearchParams(_message.Message):
+    __slots__ = ("nprobe", "prune_epsilon", "ef_search", "oversample", "candidate_budget")
+    NPROBE_FIELD_NUMBER: _ClassVar[int]
+    PRUNE_EPSILON_FIELD_NUMBER: _ClassVar[int]
+    EF_SEARCH_FIELD_NUMBER: _ClassVar[int]
+    OVERSAMPLE_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATE_BUDGET_FIELD_NUMBER: _ClassVar[int]
+    nprobe: int
+    prune_epsilon: float
+    ef_search: int
+    oversample: float
+    candidate_budget: int
+    def __init__(self, nprobe: _Optional[int] = ..., prune_epsilon: _Optional[float] = ..., ef_search: _Optional[int] = ..., oversample: _Optional[float] = ..., candidate_budget: _Optional[int] = ...) -> None: ...
+
+class SearchRequest(_message.Message):
+    __slots__ = ("queries", "k", "tenant", "metadata_filter", "params", "include_text")
+    class MetadataFilterEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    QUERIES_FIELD_NUMBER: _ClassVar[int]
+    K_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    METADATA_FILTER_FIELD_NUMBER: _ClassVar[int]
+    PARAMS_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_TEXT_FIELD_NUMBER: _ClassVar[int]
+    queries: _containers.RepeatedCompositeFieldContainer[Query]
+    k: int
+    tenant: str
+    metadata_filter: _containers.ScalarMap[str, str]
+    params: SearchParams
+    include_text: bool
+    def __init__(self, queries: _Optional[_Iterable[_Union[Query, _Mapping]]] = ..., k: _Optional[int] = ..., tenant: _Optional[str] = ..., metadata_filter: _Optional[_Mapping[str, str]] = ..., params: _Optional[_Union[SearchParams, _Mapping]] = ..., include_text: _Optional[bool] = ...) -> None: ...
+
+class Hit(_message.Message):
+    __slots__ = ("id", "score", "passage")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    PASSAGE_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    score: float
+    passage: Passage
+    def __init__(self, id: _Optional[int] = ..., score: _Optional[float] = ..., passage: _Optional[_Union[Passage, _Mapping]] = ...) -> None: ...
+
+class QueryResult(_message.Message):
+    __slots__ = ("hits",)
+    HITS_FIELD_NUMBER: _ClassVar[int]
+    hits: _containers.RepeatedCompositeFieldContainer[Hit]
+    def __init__(self, hits: _Optional[_Iterable[_Union[Hit, _Mapping]]] = ...) -> None: ...
+
+class SearchResponse(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[QueryResult]
+    def __init__(self, results: _Optional[_Iterable[_Union[QueryResult, _Mapping]]] = ...) -> None: ...
+
+class GetPassagesRequest(_message.Message):
+    __slots__ = ("ids", "tenant")
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    ids: _containers.RepeatedScalarFieldContainer[int]
+    tenant: str
+    def __init__(self, ids: _Optional[_Iterable[int]] = ..., tenant: _Optional[str] = ...) -> None: ...
+
+class GetPassagesResponse(_message.Message):
+    __slots__ = ("passages",)
+    PASSAGES_FIELD_NUMBER: _ClassVar[int]
+    passages: _containers.RepeatedCompositeFieldContainer[Passage]
+    def __init__(self, passages: _Optional[_Iterable[_Union[Passage, _Mapping]]] = ...) -> None: ...
+
+class UpsertItem(_message.Message):
+    __slots__ = ("passage", "vector")
+    PASSAGE_FIELD_NUMBER: _ClassVar[int]
+    VECTOR_FIELD_NUMBER: _ClassVar[int]
+    passage: Passage
+    vector: Vector
+    def __init__(self, passage: _Optional[_Union[Passage, _Mapping]] = ..., vector: _Optional[_Union[Vector, _Mapping]] = ...) -> None: ...
+
+class UpsertResponse(_message.Message):
+    __slots__ = ("upserted", "ids")
+    UPSERTED_FIELD_NUMBER: _ClassVar[int]
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    upserted: int
+    ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, upserted: _Optional[int] = ..., ids: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class DeleteRequest(_message.Message):
+    __slots__ = ("ids",)
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, ids: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class DeleteResponse(_message.Message):
+    __slots__ = ("deleted",)
+    DELETED_FIELD_NUMBER: _ClassVar[int]
+    deleted: int
+    def __init__(self, deleted: _Optional[int] = ...) -> None: ...
+
+class StatsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ShardStats(_message.Message):
+    __slots__ = ("shard_id", "passages", "vectors", "disk_bytes", "index_memory_bytes", "index_disk_bytes")
+    SHARD_ID_FIELD_NUMBER: _ClassVar[int]
+    PASSAGES_FIELD_NUMBER: _ClassVar[int]
+    VECTORS_FIELD_NUMBER: _ClassVar[int]
+    DISK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    INDEX_MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    INDEX_DISK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    shard_id: int
+    passages: int
+    vectors: int
+    disk_bytes: int
+    index_memory_bytes: int
+    index_disk_bytes: int
+    def __init__(self, shard_id: _Optional[int] = ..., passages: _Optional[int] = ..., vectors: _Optional[int] = ..., disk_bytes: _Optional[int] = ..., index_memory_bytes: _Optional[int] = ..., index_disk_bytes: _Optional[int] = ...) -> None: ...
+
+class StatsResponse(_message.Message):
+    __slots__ = ("passages", "dim", "model", "index_kind", "metric", "shards", "manifest_json")
+    PASSAGES_FIELD_NUMBER: _ClassVar[int]
+    DIM_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    INDEX_KIND_FIELD_NUMBER: _ClassVar[int]
+    METRIC_FIELD_NUMBER: _ClassVar[int]
+    SHARDS_FIELD_NUMBER: _ClassVar[int]
+    MANIFEST_JSON_FIELD_NUMBER: _ClassVar[int]
+    passages: int
+    dim: int
+    model: str
+    index_kind: str
+    metric: str
+    shards: _containers.RepeatedCompositeFieldContainer[ShardStats]
+    manifest_json: str
+    def __init__(self, passages: _Optional[int] = ..., dim: _Optional[int] = ..., model: _Optional[str] = ..., index_kind: _Optional[str] = ..., metric: _Optional[str] = ..., shards: _Optional[_Iterable[_Union[ShardStats, _Mapping]]] = ..., manifest_json: _Optional[str] = ...) -> None: ...
