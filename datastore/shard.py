@@ -21,6 +21,7 @@ from datastore.records import Passage, decode_vectors, encode_vector, key, key_i
 
 DATABASES = ("passages", "vectors", "codes", "postings", "meta")
 SEQ_KEY = b"seq"
+NEXT_ID_KEY = b"next_id"
 INITIAL_MAP_SIZE = 1 << 30
 _U64 = struct.Struct(">Q")
 T = TypeVar("T")
@@ -69,7 +70,10 @@ class Shard:
                     raise
 
     def put(self, passages: Sequence[Passage], vectors: np.ndarray) -> None:
-        """Store passages and their vectors atomically (replacing ids that exist)."""
+        """Store passages and their vectors atomically (replacing ids that exist).
+
+        The shard also remembers the highest id it ever held (+1), so deleted ids are never
+        handed out again."""
         if len(passages) != len(vectors):
             raise ValueError(f"{len(passages)} passages but {len(vectors)} vectors")
 
@@ -78,6 +82,10 @@ class Shard:
                 k = key(p.id)
                 txn.put(k, p.encode(), db=self.db["passages"])
                 txn.put(k, encode_vector(v, self.vector_dtype), db=self.db["vectors"])
+            top = max(p.id for p in passages) + 1 if passages else 0
+            old = txn.get(NEXT_ID_KEY, db=self.db["meta"])
+            if old is None or _U64.unpack(old)[0] < top:
+                txn.put(NEXT_ID_KEY, _U64.pack(top), db=self.db["meta"])
 
         self._write(fn)
 
@@ -135,10 +143,11 @@ class Shard:
         with self.env.begin() as txn:
             return txn.stat(self.db["passages"])["entries"]
 
-    def last_id(self) -> int | None:
-        with self.env.begin() as txn:
-            cur = txn.cursor(db=self.db["passages"])
-            return key_id(cur.key()) if cur.last() else None
+    @property
+    def next_id(self) -> int:
+        """One more than the highest id this shard ever stored (deleted ones included)."""
+        v = self.get_meta(NEXT_ID_KEY.decode())
+        return _U64.unpack(v)[0] if v else 0
 
     def iter_vectors(self, batch: int = 65536, with_tenants: bool = False
                      ) -> Iterator[tuple[np.ndarray, np.ndarray, list[tuple[str, ...]] | None]]:

