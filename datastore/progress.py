@@ -18,7 +18,7 @@ class BuildProgress:
         self._embedded = 0
         if enabled:
             self._progress = Progress(
-                TextColumn("[bold]building"), BarColumn(), MofNCompleteColumn(), TextColumn("docs"),
+                TextColumn("[bold]building"), BarColumn(bar_width=20), MofNCompleteColumn(), TextColumn("docs"),
                 TextColumn("{task.fields[passages]} passages"), TextColumn("{task.fields[rate]:.1f} passages/s"),
                 TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
                 console=Console(file=sys.stderr), transient=False,

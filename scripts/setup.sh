@@ -6,9 +6,14 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 stamp=.venv/.installed-$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)
 if [ -f "$stamp" ]; then exit 0; fi
+echo "installing into .venv (first run only; log: .venv/setup.log)" >&2
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
-.venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q torch==2.13.0
-.venv/bin/python -m pip install -q -e '.[dev]'
+if ! { .venv/bin/python -m pip install -q --upgrade pip &&
+       .venv/bin/python -m pip install -q torch==2.13.0 &&
+       .venv/bin/python -m pip install -q -e '.[dev]'; } > .venv/setup.log 2>&1; then
+  cat .venv/setup.log >&2
+  echo "setup failed (log above)" >&2
+  exit 1
+fi
 rm -f .venv/.installed-*
 touch "$stamp"
