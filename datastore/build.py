@@ -36,6 +36,7 @@ from datastore.records import VECTOR_DTYPES, Passage
 from datastore.shard import Shard
 from datastore.sharding import shard_of
 from index import INDEX_KINDS
+from index.registry import validate_params
 
 
 @dataclass
@@ -67,6 +68,10 @@ class BuildConfig:
             raise InvalidArgument.field("vector_dtype", f"must be one of {sorted(VECTOR_DTYPES)}")
         if self.index_kind not in INDEX_KINDS:
             raise InvalidArgument.field("index", f"unknown kind {self.index_kind!r}; known: {sorted(INDEX_KINDS)}")
+        try:
+            validate_params(self.index_kind, self.index_params)
+        except ValueError as e:
+            raise InvalidArgument.field("index_params", str(e)) from None
         if self.metric not in ("ip", "l2"):
             raise InvalidArgument.field("metric", f"must be 'ip' or 'l2', got {self.metric!r}")
         if self.batch_passages < 1:

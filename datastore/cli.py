@@ -57,6 +57,8 @@ def cli() -> None:
 @click.option("--shards", default=1, show_default=True, help="Number of LMDB shards.")
 @click.option("--vector-dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True)
 @click.option("--index", "index_kind", default="flat", show_default=True, help="Index kind per shard.")
+@click.option("--index-param", "index_params", multiple=True, metavar="KEY=VALUE",
+              help="Index config field (JSON value), e.g. --index-param head_ratio=0.05.")
 @click.option("--metric", type=click.Choice(["ip", "l2"]), default="ip", show_default=True)
 @click.option("--batch-size", default=256, show_default=True, help="Passages per committed batch.")
 @click.option("--skip-bad-lines", is_flag=True, help="Skip and count malformed records instead of stopping.")
@@ -66,7 +68,7 @@ def cli() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def build(inputs, out, model, embeddings, chunk_words, chunk_overlap, dedup_exact, near_dedup, near_threshold,
-          shards, vector_dtype, index_kind, metric, batch_size, skip_bad_lines, limit_docs, seed, device,
+          shards, vector_dtype, index_kind, index_params, metric, batch_size, skip_bad_lines, limit_docs, seed, device,
           as_json, quiet) -> None:
     """Build a datastore from INPUTS: JSONL, Parquet, text directories, or `wiki` (the default corpus).
 
@@ -81,7 +83,8 @@ def build(inputs, out, model, embeddings, chunk_words, chunk_overlap, dedup_exac
     except ValueError as e:
         raise InvalidArgument(str(e)) from e
     cfg = BuildConfig(list(inputs), out, model=model, chunk=chunk, dedup=dedup, shards=shards,
-                      vector_dtype=vector_dtype, index_kind=index_kind, metric=metric, embeddings=embeddings,
+                      vector_dtype=vector_dtype, index_kind=index_kind, index_params=_parse_params(index_params),
+                      metric=metric, embeddings=embeddings,
                       batch_passages=batch_size, skip_bad_lines=skip_bad_lines, limit_docs=limit_docs, seed=seed,
                       device=device, progress=not quiet and not as_json)
     summary = run_build(cfg)
@@ -89,6 +92,19 @@ def build(inputs, out, model, embeddings, chunk_words, chunk_overlap, dedup_exac
         _echo_json(summary.to_dict())
     else:
         _print_summary(summary)
+
+
+def _parse_params(items: Sequence[str]) -> dict:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise InvalidArgument.field("index-param", f"{item!r} is not KEY=VALUE")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value  # a bare string such as float16
+    return out
 
 
 def _print_summary(s) -> None:

@@ -39,8 +39,8 @@ def _sample(shard: Shard, size: int, seed: int) -> np.ndarray:
 def build_index(shard: Shard, info: IndexInfo, seed: int = 0) -> VectorIndex:
     """Train and fill a new index from the shard's stored vectors, then save it."""
     seq = shard.seq
-    index = create_index(info.kind, shard.dim, info.metric, **info.params)
-    index.train(_sample(shard, TRAIN_SAMPLE, seed))
+    index = create_index(info.kind, shard.dim, info.metric, storage=shard.blob_store(), **info.params)
+    index.train(_sample(shard, TRAIN_SAMPLE, seed), total=len(shard))
     for ids, vecs, tenants in shard.iter_vectors(with_tenants=True):
         index.add(ids, vecs, tenants)
     save_index(shard, index, seq)
@@ -64,7 +64,7 @@ def open_index(shard: Shard, info: IndexInfo, seed: int = 0) -> VectorIndex:
     d = index_dir(shard)
     try:
         if int((d / SEQ_FILE).read_text()) == shard.seq:
-            return load_index(info.kind, d)
+            return load_index(info.kind, d, storage=shard.blob_store())
     except (OSError, ValueError):
         pass
     return build_index(shard, info, seed)

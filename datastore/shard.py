@@ -177,6 +177,12 @@ class Shard:
             for k, v in txn.cursor(db=self.db["passages"]):
                 yield Passage.decode(key_id(bytes(k)), bytes(v))
 
+    def blob_store(self, name: str = "postings"):
+        """This shard's `name` database as an index BlobStore (writes there leave `seq` alone:
+        the index records which `seq` it reflects)."""
+        from index.storage import LmdbBlobStore
+        return LmdbBlobStore(self.env, self.db[name], self.path)
+
     def disk_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.path.glob("*.mdb"))
 

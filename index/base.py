@@ -77,7 +77,8 @@ class VectorIndex(Protocol):
     dim: int
     metric: Metric
 
-    def train(self, sample: np.ndarray) -> None: ...
+    def train(self, sample: np.ndarray, total: int | None = None) -> None:
+        """Learn from `sample`; `total` is how many vectors will be added (None: len(sample))."""
 
     def add(self, ids: np.ndarray, vectors: np.ndarray, tenants: Sequence[Iterable[str]] | None = None) -> None: ...
 

@@ -1,0 +1,592 @@
+"""SPANN: head centroids in memory, posting lists on disk (Chen et al., NeurIPS 2021),
+updated in place the SPFresh way (LIRE: split, reassign, merge; versions for staleness).
+
+- Heads: leaves of a balanced hierarchical k-means over a training sample, searched in
+  memory with faiss (flat, or HNSW past `hnsw_threshold` heads).
+- Closure replication: a vector goes to up to `replicas` heads within (1 + eps1) of its
+  nearest head's distance, skipping heads that the RNG rule says lie in the direction of
+  one already chosen (a head closer to a chosen head than to the vector).
+- Query-aware pruning: probe the heads within (1 + eps2) of the nearest head's distance,
+  at most `max_lists`.
+- Posting entries carry (id, version); an entry whose version is not the id's current
+  one is stale and skipped; deletes are tombstones. Both are dropped when a posting is
+  rewritten (split, merge, compaction).
+- Bulk adds after `train` are staged in a scratch LMDB (bounded memory) and sealed into
+  final posting lists at the first search or save; later adds update postings in place.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import tempfile
+import threading
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterable, Literal, Sequence
+
+import faiss
+import numpy as np
+
+from index import postings as codec
+from index.base import MISSING_ID, IndexStats, Metric, SearchParams, SearchResult, check_ids, check_vectors
+from index.kmeans import balanced_kmeans, hierarchical_heads, squared_distances
+from index.postings import Posting
+from index.storage import BlobStore, LmdbBlobStore
+
+STATE_FILE = "spann.json"
+ARRAYS_FILE = "spann.npz"
+POSTINGS_DIR = "postings"
+
+
+@dataclass(frozen=True)
+class SpannConfig:
+    """Build and search settings; the defaults work from thousands to millions of vectors."""
+
+    #: Heads as a share of vectors; each head's list then holds ~replication/head_ratio entries.
+    head_ratio: float = 0.02
+    branching: int = 16
+    balance_slack: float = 1.3
+    #: Closure replication: at most this many heads per vector (SPANN: 8).
+    replicas: int = 8
+    #: eps1: replicate to heads within (1 + eps1) x the nearest head's distance.
+    closure_epsilon: float = 0.2
+    #: RNG rule: skip head h if rng_factor * dist(h, chosen) < dist(x, h).
+    rng_factor: float = 1.0
+    #: eps2 default: probe heads within (1 + eps2) x the nearest head's distance.
+    prune_epsilon: float = 0.6
+    #: Hard cap on lists probed per query (SearchParams.nprobe overrides).
+    max_lists: int = 48
+    #: Longest list; longer ones are split (0 = 4x the mean list length at build).
+    max_posting: int = 0
+    #: Shorter lists are merged into their neighbours at compaction.
+    min_posting: int = 4
+    vector_dtype: Literal["float16", "float32"] = "float16"
+    compress: bool = False
+    train_sample: int = 200_000
+    hnsw_threshold: int = 20_000
+    hnsw_m: int = 32
+    #: Bulk adds are staged in memory up to this many bytes before spilling to scratch LMDB.
+    stage_bytes: int = 256 << 20
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        checks = {
+            "head_ratio": 0 < self.head_ratio <= 1, "branching": self.branching >= 2,
+            "balance_slack": self.balance_slack >= 1, "replicas": self.replicas >= 1,
+            "closure_epsilon": self.closure_epsilon >= 0, "rng_factor": self.rng_factor > 0,
+            "prune_epsilon": self.prune_epsilon >= 0, "max_lists": self.max_lists >= 1,
+            "max_posting": self.max_posting >= 0, "min_posting": self.min_posting >= 0,
+            "vector_dtype": self.vector_dtype in ("float16", "float32"), "train_sample": self.train_sample >= 1,
+            "hnsw_threshold": self.hnsw_threshold >= 1, "hnsw_m": self.hnsw_m >= 4, "stage_bytes": self.stage_bytes > 0,
+        }
+        bad = [k for k, ok in checks.items() if not ok]
+        if bad:
+            raise ValueError(f"SpannConfig: invalid {', '.join(f'{k}={getattr(self, k)!r}' for k in bad)}")
+
+
+class _Heads:
+    """Head centroids by head id, and a faiss index over the live ones (squared L2)."""
+
+    def __init__(self, dim: int, config: SpannConfig) -> None:
+        self.dim, self.config = dim, config
+        self.vectors = np.zeros((0, dim), np.float32)
+        self.alive = np.zeros(0, bool)
+        self._dead_in_index: set[int] = set()
+        self._index = None
+        self._hnsw = False
+
+    def reset(self, vectors: np.ndarray, alive: np.ndarray | None = None) -> None:
+        self.vectors = np.ascontiguousarray(vectors, np.float32)
+        self.alive = np.ones(len(vectors), bool) if alive is None else alive.copy()
+        self._rebuild()
+
+    def _rebuild(self) -> None:
+        live = np.flatnonzero(self.alive)
+        self._hnsw = len(live) > self.config.hnsw_threshold
+        if self._hnsw:
+            inner = faiss.IndexHNSWFlat(self.dim, self.config.hnsw_m)
+            inner.hnsw.efConstruction = 80
+        else:
+            inner = faiss.IndexFlatL2(self.dim)
+        self._index = faiss.IndexIDMap2(inner)
+        if len(live):
+            self._index.add_with_ids(self.vectors[live], live.astype(np.int64))
+        self._dead_in_index = set()
+
+    @property
+    def count(self) -> int:
+        return int(self.alive.sum())
+
+    def add(self, vectors: np.ndarray) -> np.ndarray:
+        ids = np.arange(len(self.vectors), len(self.vectors) + len(vectors), dtype=np.int64)
+        self.vectors = np.concatenate([self.vectors, vectors.astype(np.float32)])
+        self.alive = np.concatenate([self.alive, np.ones(len(vectors), bool)])
+        self._index.add_with_ids(np.ascontiguousarray(vectors, np.float32), ids)
+        return ids
+
+    def remove(self, head: int) -> None:
+        self.alive[head] = False
+        if self._hnsw:  # HNSW cannot delete: mask until the next rebuild
+            self._dead_in_index.add(int(head))
+            if len(self._dead_in_index) > 0.1 * max(1, self.count):
+                self._rebuild()
+        else:
+            self._index.remove_ids(np.array([head], np.int64))
+
+    def search(self, queries: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+        n = max(1, min(n, self.count))
+        params = None
+        if self._hnsw:
+            sel = None
+            if self._dead_in_index:
+                sel = faiss.IDSelectorNot(faiss.IDSelectorBatch(np.fromiter(self._dead_in_index, np.int64)))
+            params = faiss.SearchParametersHNSW(efSearch=max(64, 2 * n))
+            if sel is not None:
+                params.sel = sel  # `sel` stays referenced here until the search returns
+        return self._index.search(np.ascontiguousarray(queries, np.float32), n, params=params)
+
+    def memory_bytes(self) -> int:
+        graph = self.count * self.config.hnsw_m * 2 * 4 if self._hnsw else 0
+        return self.vectors.nbytes + self.alive.nbytes + graph + len(self.vectors) * 8
+
+
+class SpannIndex:
+    """The SPANN memory/disk index over a BlobStore of posting lists."""
+
+    kind = "spann"
+    uses_storage = True
+    config_class = SpannConfig
+
+    def __init__(self, dim: int, metric: Metric = "ip", storage: BlobStore | None = None, **config) -> None:
+        if dim <= 0:
+            raise ValueError(f"dim must be positive, got {dim}")
+        if metric not in ("ip", "l2"):
+            raise ValueError(f"metric must be 'ip' or 'l2', got {metric!r}")
+        self.dim, self.metric = dim, metric
+        self.config = config if isinstance(config, SpannConfig) else SpannConfig(**config)
+        self._scratch: Path | None = None
+        if storage is None:  # standalone use (tests, benchmarks): a private LMDB
+            self._scratch = Path(tempfile.mkdtemp(prefix="spann-"))
+            storage = LmdbBlobStore.open(self._scratch / POSTINGS_DIR)
+        self.store = storage
+        self.heads = _Heads(dim, self.config)
+        self.max_posting = self.config.max_posting
+        self._versions: dict[int, int] = {}
+        self._deleted: set[int] = set()
+        self._tenants: dict[int, frozenset[str]] = {}
+        self._count = 0
+        self._lock = threading.RLock()
+        self._filter_cache: tuple | None = None
+        # bulk phase state
+        self._staging: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
+        self._staged_bytes = 0
+        self._spill: LmdbBlobStore | None = None
+        self._spill_dir: Path | None = None
+        self._spill_seq = 0
+        self._sealed = True
+
+    def __len__(self) -> int:
+        return self._count
+
+    # -- training and bulk build ----------------------------------------------------------------
+
+    def train(self, sample: np.ndarray, total: int | None = None) -> None:
+        """Choose heads on `sample` (about head_ratio x `total` of them); empties the store."""
+        sample = check_vectors(sample, self.dim, "sample")
+        if len(sample) == 0:  # nothing to learn yet: the first add trains on what it brings
+            with self._lock:
+                self.heads.reset(np.zeros((0, self.dim), np.float32))
+                self.store.clear()
+                self._sealed = True
+            return
+        total = max(total or len(sample), len(sample))
+        if len(sample) > self.config.train_sample:
+            rng = np.random.default_rng(self.config.seed)
+            sample = sample[np.sort(rng.choice(len(sample), self.config.train_sample, replace=False))]
+        heads_wanted = max(1, round(self.config.head_ratio * total))
+        # a leaf of the tree holds about leaf_size / 1.6 points on average (measured), so aim above
+        leaf = max(1, math.ceil(1.6 * len(sample) / heads_wanted))
+        centroids = hierarchical_heads(sample, leaf, branching=self.config.branching,
+                                       slack=self.config.balance_slack, seed=self.config.seed)
+        with self._lock:
+            self.heads.reset(centroids)
+            if not self.config.max_posting:
+                mean_list = total * min(self.config.replicas, 3) / max(1, len(centroids))
+                self.max_posting = max(16, int(4 * mean_list))
+            self.store.clear()
+            self._versions, self._deleted, self._tenants, self._count = {}, set(), {}, 0
+            self._sealed = False
+
+    def _assign(self, vectors: np.ndarray, exclude: np.ndarray | None = None) -> list[np.ndarray]:
+        """Heads of each vector: closure replication filtered by the RNG rule."""
+        cfg = self.config
+        out: list[np.ndarray] = []
+        cand = min(self.heads.count, max(cfg.replicas * 2, 8))
+        for start in range(0, len(vectors), 1024):
+            x = vectors[start:start + 1024]
+            d, ids = self.heads.search(x, cand)
+            ok = (ids >= 0) & (np.sqrt(np.maximum(d, 0)) <= (1 + cfg.closure_epsilon) * np.sqrt(np.maximum(d[:, :1], 0)))
+            ok[:, 0] = ids[:, 0] >= 0
+            hv = self.heads.vectors[np.maximum(ids, 0)]  # (b, c, dim)
+            chosen = np.zeros_like(ok)
+            chosen[:, 0] = ok[:, 0]
+            counts = chosen[:, 0].astype(np.int64)
+            for j in range(1, ids.shape[1]):
+                live = ok[:, j] & (counts < cfg.replicas)
+                if not live.any():
+                    continue
+                between = ((hv[:, :j] - hv[:, j:j + 1]) ** 2).sum(-1)  # (b, j): chosen heads to head j
+                blocked = (chosen[:, :j] & (cfg.rng_factor * between < d[:, j:j + 1])).any(1)
+                chosen[:, j] = live & ~blocked
+                counts += chosen[:, j]
+            out.extend(ids[r][chosen[r]] for r in range(len(x)))
+        return out
+
+    def add(self, ids: np.ndarray, vectors: np.ndarray, tenants: Sequence[Iterable[str]] | None = None) -> None:
+        vectors = check_vectors(vectors, self.dim)
+        ids = check_ids(ids, len(vectors))
+        if self.heads.count == 0 and self._count == 0:
+            self.train(vectors)
+        if tenants is not None and len(tenants) != len(ids):
+            raise ValueError(f"tenants must have one entry per id ({len(ids)}), got {len(tenants)}")
+        with self._lock:
+            if tenants is not None:
+                for i, ts in zip(ids.tolist(), tenants):
+                    ts = frozenset(ts)
+                    if ts:
+                        self._tenants[i] = ts
+                    else:
+                        self._tenants.pop(i, None)
+            if self._sealed:
+                self._insert(ids, vectors)
+            else:
+                self._stage(ids, vectors)
+
+    def _stage(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        heads = self._assign(vectors)
+        rep = np.fromiter((len(h) for h in heads), np.int64, len(heads))
+        entry_rows = np.repeat(np.arange(len(ids)), rep)
+        entry_heads = np.concatenate(heads).astype(np.int64)
+        primary = np.zeros(len(entry_rows), np.uint16)
+        primary[np.concatenate([[0], np.cumsum(rep)[:-1]])] = 1  # the nearest head comes first
+        vecs = vectors[entry_rows].astype(self.config.vector_dtype)
+        self._staging.append((entry_heads, ids[entry_rows], primary, vecs))
+        self._staged_bytes += vecs.nbytes + entry_rows.size * 18
+        self._count += len(ids)
+        if self._staged_bytes >= self.config.stage_bytes:
+            self._spill_staging()
+
+    def _spill_staging(self) -> None:
+        """Move staged entries to the scratch LMDB, one blob per (head, spill)."""
+        if not self._staging:
+            return
+        if self._spill is None:
+            base = Path(getattr(self.store, "path", None) or tempfile.gettempdir())
+            self._spill_dir = Path(tempfile.mkdtemp(prefix="spann-stage-", dir=base.parent if base.is_dir() else None))
+            self._spill = LmdbBlobStore.open(self._spill_dir)
+        heads, ids, prim, vecs = (np.concatenate(c) for c in zip(*self._staging))
+        order = np.argsort(heads, kind="stable")
+        heads, ids, prim, vecs = heads[order], ids[order], prim[order], vecs[order]
+        bounds = np.flatnonzero(np.diff(heads)) + 1
+        puts = {}
+        for part in np.split(np.arange(len(heads)), bounds):
+            h = int(heads[part[0]])
+            puts[(h << 24) | self._spill_seq] = codec.encode(Posting(ids[part], prim[part], vecs[part]))
+        self._spill.write(puts)
+        self._spill_seq += 1
+        self._staging, self._staged_bytes = [], 0
+
+    def _seal(self) -> None:
+        """Turn staged entries into final posting lists (capped at max_posting, primaries kept)."""
+        if self._sealed:
+            return
+        self._spill_staging()
+        if self._spill is not None:
+            batch: dict[int, bytes] = {}
+            head, parts = None, []
+            for key, blob in self._spill.items():
+                h = key >> 24
+                if h != head and parts:
+                    batch[head] = self._finish_posting(head, parts)
+                    parts = []
+                    if len(batch) >= 512:
+                        self.store.write(batch)
+                        batch = {}
+                head = h
+                parts.append(codec.decode(blob, self.dim))
+            if parts:
+                batch[head] = self._finish_posting(head, parts)
+            self.store.write(batch)
+            self._spill.close()
+            shutil.rmtree(self._spill_dir, ignore_errors=True)
+            self._spill = self._spill_dir = None
+        self._sealed = True
+
+    def _finish_posting(self, head: int, parts: list[Posting]) -> bytes:
+        p = parts[0]
+        for q in parts[1:]:
+            p = p.concat(q)
+        if len(p) > self.max_posting:
+            # keep every primary entry, then the closest replicas
+            d = squared_distances(p.vectors.astype(np.float32), self.heads.vectors[head:head + 1])[:, 0]
+            d[p.versions == 1] = -1.0
+            keep = np.sort(np.argsort(d, kind="stable")[:max(self.max_posting, int((p.versions == 1).sum()))])
+            p = p.take(keep)
+        return codec.encode(Posting(p.ids, np.zeros(len(p), np.uint16), p.vectors), self.config.compress)
+
+    # -- search ---------------------------------------------------------------------------------
+
+    def _current_versions(self, ids: np.ndarray) -> np.ndarray:
+        if not self._versions:
+            return np.zeros(len(ids), np.uint16)
+        if self._filter_cache is None:
+            keys = np.fromiter(self._versions.keys(), np.int64, len(self._versions))
+            vals = np.fromiter(self._versions.values(), np.int64, len(self._versions))
+            order = np.argsort(keys)
+            self._filter_cache = (keys[order], vals[order].astype(np.uint16))
+        keys, vals = self._filter_cache
+        pos = np.minimum(np.searchsorted(keys, ids), len(keys) - 1)
+        return np.where(keys[pos] == ids, vals[pos], 0).astype(np.uint16)
+
+    def _valid(self, p: Posting) -> np.ndarray:
+        ok = p.versions == self._current_versions(p.ids)
+        if self._deleted:
+            ok &= ~np.isin(p.ids, np.fromiter(self._deleted, np.int64, len(self._deleted)))
+        return ok
+
+    def probe_lists(self, queries: np.ndarray, params: SearchParams | None = None) -> list[np.ndarray]:
+        """Heads each query probes after query-aware pruning (nearest first)."""
+        eps = self.config.prune_epsilon if params is None or params.prune_epsilon is None else params.prune_epsilon
+        cap = self.config.max_lists if params is None or params.nprobe is None else params.nprobe
+        d, ids = self.heads.search(queries, cap)
+        dist = np.sqrt(np.maximum(d, 0))
+        keep = (ids >= 0) & (dist <= (1 + eps) * np.maximum(dist[:, :1], 1e-6))
+        keep[:, 0] = ids[:, 0] >= 0
+        return [ids[r][keep[r]] for r in range(len(ids))]
+
+    def search(self, queries: np.ndarray, k: int, tenant: str | None = None, params: SearchParams | None = None,
+               allowed_ids: np.ndarray | None = None) -> SearchResult:
+        queries = check_vectors(queries, self.dim, "queries")
+        if k <= 0:
+            raise ValueError(f"k must be positive, got {k}")
+        out = SearchResult.empty(len(queries), k)
+        with self._lock:
+            self._seal()
+            if self.heads.count == 0 or len(queries) == 0:
+                return out
+            lists = self.probe_lists(queries, params)
+            wanted = np.unique(np.concatenate(lists)) if lists else np.zeros(0, np.int64)
+            blobs = self.store.get_many(wanted.tolist())
+            decoded = {int(h): codec.decode(b, self.dim) for h, b in zip(wanted, blobs) if b is not None}
+            hidden = self._hidden_ids(tenant)
+            for q, heads in enumerate(lists):
+                ps = [decoded[h] for h in heads.tolist() if h in decoded]
+                if not ps:
+                    continue
+                ids = np.concatenate([p.ids for p in ps])
+                versions = np.concatenate([p.versions for p in ps])
+                vecs = np.concatenate([p.vectors for p in ps])
+                ok = versions == self._current_versions(ids)
+                if self._deleted:
+                    ok &= ~np.isin(ids, np.fromiter(self._deleted, np.int64, len(self._deleted)))
+                if hidden is not None:
+                    ok &= ~np.isin(ids, hidden)
+                if allowed_ids is not None:
+                    ok &= np.isin(ids, allowed_ids)
+                ids, vecs = ids[ok], vecs[ok]
+                ids, first = np.unique(ids, return_index=True)  # replicas: score each id once
+                vecs = vecs[first].astype(np.float32)
+                if self.metric == "ip":
+                    scores = vecs @ queries[q]
+                else:
+                    scores = -((vecs - queries[q]) ** 2).sum(1)
+                n = min(k, len(ids))
+                top = np.argpartition(-scores, n - 1)[:n] if n < len(ids) else np.arange(len(ids))
+                top = top[np.argsort(-scores[top], kind="stable")]
+                out.ids[q, :n] = ids[top]
+                out.scores[q, :n] = scores[top]
+        return out
+
+    def _hidden_ids(self, tenant: str | None) -> np.ndarray | None:
+        if not self._tenants:
+            return None
+        hidden = [i for i, ts in self._tenants.items() if tenant is None or tenant not in ts]
+        return np.asarray(hidden, np.int64) if hidden else None
+
+    # -- updates (SPFresh LIRE) -----------------------------------------------------------------
+
+    def _bump(self, ids: np.ndarray) -> np.ndarray:
+        """New versions for ids (re)inserted: earlier replicas become stale."""
+        out = np.empty(len(ids), np.uint16)
+        for n, i in enumerate(ids.tolist()):
+            v = self._versions.get(i, 0) % 65535 + 1
+            self._versions[i] = v
+            out[n] = v
+            self._deleted.discard(i)
+        self._filter_cache = None
+        return out
+
+    def _insert(self, ids: np.ndarray, vectors: np.ndarray, depth: int = 0) -> None:
+        versions = self._bump(ids)
+        self._count += len(ids)
+        heads = self._assign(vectors)
+        by_head: dict[int, list[int]] = {}
+        for row, hs in enumerate(heads):
+            for h in hs.tolist():
+                by_head.setdefault(h, []).append(row)
+        keys = sorted(by_head)
+        current = dict(zip(keys, self.store.get_many(keys)))
+        puts, oversized = {}, []
+        for h in keys:
+            rows = np.asarray(by_head[h])
+            new = Posting(ids[rows], versions[rows], vectors[rows].astype(self.config.vector_dtype))
+            blob = current[h]
+            p = codec.decode(blob, self.dim).concat(new) if blob is not None else new
+            puts[h] = codec.encode(p, self.config.compress)
+            if len(p) > self.max_posting:
+                oversized.append(h)
+        self.store.write(puts)
+        for h in oversized:
+            if self.heads.alive[h]:
+                self._split(h, depth)
+
+    def _split(self, head: int, depth: int) -> None:
+        (blob,) = self.store.get_many([head])
+        p = codec.decode(blob, self.dim)
+        p = p.take(self._valid(p))
+        if len(p) <= self.max_posting or depth > 4:
+            self.store.write({head: codec.encode(p, self.config.compress)})
+            return
+        vecs = p.vectors.astype(np.float32)
+        centroids, assign = balanced_kmeans(vecs, 2, slack=1.2, seed=self.config.seed + head)
+        old_centroid = self.heads.vectors[head].copy()
+        self.heads.remove(head)
+        new_heads = self.heads.add(centroids)
+        puts = {int(h): codec.encode(p.take(assign == c), self.config.compress) for c, h in enumerate(new_heads)}
+        self.store.write(puts, deletes=[head])
+        # LIRE reassignment: the split list's vectors whose nearest head is now elsewhere, and
+        # vectors of neighbouring lists that are closer to a new head than to their own.
+        move_ids, move_vecs = [], []
+        _, nearest = self.heads.search(vecs, 1)
+        stray = ~np.isin(nearest[:, 0], new_heads)
+        move_ids.append(p.ids[stray])
+        move_vecs.append(vecs[stray])
+        _, near = self.heads.search(old_centroid[None, :], 9)
+        neighbours = [int(h) for h in near[0] if h >= 0 and h not in new_heads]
+        for h, nb in zip(neighbours, self.store.get_many(neighbours)):
+            if nb is None:
+                continue
+            q = codec.decode(nb, self.dim)
+            q = q.take(self._valid(q))
+            if not len(q):
+                continue
+            qv = q.vectors.astype(np.float32)
+            own = squared_distances(qv, self.heads.vectors[h:h + 1])[:, 0]
+            to_new = squared_distances(qv, self.heads.vectors[new_heads]).min(1)
+            closer = to_new < own
+            move_ids.append(q.ids[closer])
+            move_vecs.append(qv[closer])
+        ids = np.concatenate(move_ids)
+        if len(ids):
+            ids, first = np.unique(ids, return_index=True)
+            vecs_all = np.concatenate(move_vecs)[first]
+            self._count -= len(ids)  # _insert counts them again
+            self._insert(ids, vecs_all, depth + 1)
+
+    def remove(self, ids: np.ndarray) -> int:
+        """Tombstone ids; their entries are dropped when their lists are next rewritten."""
+        ids = np.asarray(ids, np.int64).ravel()
+        with self._lock:
+            new = [i for i in ids.tolist() if i not in self._deleted]
+            self._deleted.update(new)
+            for i in new:
+                self._tenants.pop(i, None)
+            self._count = max(0, self._count - len(new))
+        return len(new)
+
+    def compact(self) -> None:
+        """Rewrite every list without stale or deleted entries, merge tiny lists into their
+        neighbours, and reset versions (every surviving entry is current)."""
+        with self._lock:
+            self._seal()
+            orphans_ids, orphans_vecs = [], []
+            keep_heads = []
+            for h in self.store.keys():
+                (blob,) = self.store.get_many([h])
+                p = codec.decode(blob, self.dim)
+                p = p.take(self._valid(p))
+                if len(p) < self.config.min_posting and self.heads.count > 1:
+                    self.heads.remove(h)
+                    self.store.write({}, deletes=[h])
+                    orphans_ids.append(p.ids)
+                    orphans_vecs.append(p.vectors.astype(np.float32))
+                else:
+                    keep_heads.append(h)
+                    self.store.write({h: codec.encode(Posting(p.ids, np.zeros(len(p), np.uint16), p.vectors),
+                                                      self.config.compress)})
+            self._versions, self._deleted, self._filter_cache = {}, set(), None
+            if orphans_ids:
+                ids = np.concatenate(orphans_ids)
+                if len(ids):
+                    ids, first = np.unique(ids, return_index=True)
+                    self._count -= len(ids)
+                    self._insert(ids, np.concatenate(orphans_vecs)[first])
+
+    # -- persistence ----------------------------------------------------------------------------
+
+    def save(self, directory: Path) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        with self._lock:
+            self._seal()
+            np.savez(directory / ARRAYS_FILE, heads=self.heads.vectors, alive=self.heads.alive,
+                     version_ids=np.fromiter(self._versions.keys(), np.int64, len(self._versions)),
+                     version_vals=np.fromiter(self._versions.values(), np.int64, len(self._versions)),
+                     deleted=np.fromiter(self._deleted, np.int64, len(self._deleted)))
+            state = {"dim": self.dim, "metric": self.metric, "config": asdict(self.config),
+                     "max_posting": self.max_posting, "count": self._count,
+                     "tenants": {str(i): sorted(t) for i, t in self._tenants.items()}}
+            (directory / STATE_FILE).write_text(json.dumps(state))
+            if isinstance(self.store, LmdbBlobStore) and self.store._owned:
+                target = directory / POSTINGS_DIR
+                if self.store.path is None or target.resolve() != Path(self.store.path).resolve():
+                    shutil.rmtree(target, ignore_errors=True)
+                    target.mkdir(parents=True)
+                    self.store.env.copy(str(target), compact=True)
+            self._saved_dir = directory
+
+    @classmethod
+    def load(cls, directory: Path, storage: BlobStore | None = None) -> "SpannIndex":
+        directory = Path(directory)
+        state = json.loads((directory / STATE_FILE).read_text())
+        if storage is None:
+            storage = LmdbBlobStore.open(directory / POSTINGS_DIR)
+        index = cls(state["dim"], state["metric"], storage=storage, **state["config"])
+        arrays = np.load(directory / ARRAYS_FILE)
+        index.heads.reset(arrays["heads"], arrays["alive"])
+        index._versions = dict(zip(arrays["version_ids"].tolist(), arrays["version_vals"].tolist()))
+        index._deleted = set(arrays["deleted"].tolist())
+        index._tenants = {int(i): frozenset(t) for i, t in state["tenants"].items()}
+        index.max_posting = state["max_posting"]
+        index._count = state["count"]
+        index._saved_dir = directory
+        return index
+
+    def stats(self) -> IndexStats:
+        tenants = sum(64 + 32 * len(t) for t in self._tenants.values())
+        memory = self.heads.memory_bytes() + 40 * (len(self._versions) + len(self._deleted)) + tenants
+        saved = getattr(self, "_saved_dir", None)
+        disk = self.store.disk_bytes() + (sum(f.stat().st_size for f in Path(saved).glob("spann.*")) if saved else 0)
+        return IndexStats(self.kind, self._count, self.dim, memory, disk,
+                          {"heads": self.heads.count, "max_posting": self.max_posting,
+                           "stale_versions": len(self._versions), "tombstones": len(self._deleted)})
+
+    def __del__(self) -> None:
+        scratch = getattr(self, "_scratch", None)
+        if scratch is not None:
+            try:
+                self.store.close()
+            finally:
+                shutil.rmtree(scratch, ignore_errors=True)

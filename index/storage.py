@@ -1,0 +1,86 @@
+"""The small storage interface disk indexes write through: blobs keyed by uint64.
+
+The datastore hands an index its shard's LMDB `postings` database, so postings live beside
+the passages; benchmarks and tests use a private LMDB environment in a directory.
+"""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+from typing import Iterable, Iterator, Protocol, Sequence
+
+import lmdb
+
+_KEY = struct.Struct(">Q")
+
+
+class BlobStore(Protocol):
+    def get_many(self, keys: Sequence[int]) -> list[bytes | None]: ...
+
+    def write(self, puts: dict[int, bytes], deletes: Iterable[int] = ()) -> None: ...
+
+    def items(self) -> Iterator[tuple[int, bytes]]: ...
+
+    def keys(self) -> list[int]: ...
+
+    def keys(self) -> list[int]:
+        with self.env.begin() as txn:
+            return [_KEY.unpack(k)[0] for k in txn.cursor(db=self.db).iternext(keys=True, values=False)]
+
+    def clear(self) -> None: ...
+
+    def disk_bytes(self) -> int: ...
+
+
+class LmdbBlobStore:
+    """Blobs in one LMDB database; `write` is one transaction (readers never see half of it)."""
+
+    def __init__(self, env: lmdb.Environment, db, path: Path | None = None, owned: bool = False) -> None:
+        self.env, self.db, self.path, self._owned = env, db, path, owned
+
+    @classmethod
+    def open(cls, directory: Path, map_size: int = 1 << 30) -> "LmdbBlobStore":
+        """A private environment in `directory` (created when absent)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        env = lmdb.open(str(directory), map_size=map_size, max_dbs=2, readahead=False, max_readers=512)
+        return cls(env, env.open_db(b"postings"), directory, owned=True)
+
+    def get_many(self, keys: Sequence[int]) -> list[bytes | None]:
+        with self.env.begin(buffers=True) as txn:
+            return [None if (v := txn.get(_KEY.pack(int(k)), db=self.db)) is None else bytes(v) for k in keys]
+
+    def write(self, puts: dict[int, bytes], deletes: Iterable[int] = ()) -> None:
+        while True:
+            try:
+                with self.env.begin(write=True) as txn:
+                    for k in deletes:
+                        txn.delete(_KEY.pack(int(k)), db=self.db)
+                    for k, v in puts.items():
+                        txn.put(_KEY.pack(int(k)), v, db=self.db)
+                return
+            except lmdb.MapFullError:
+                self.env.set_mapsize(self.env.info()["map_size"] * 2)
+
+    def items(self) -> Iterator[tuple[int, bytes]]:
+        with self.env.begin(buffers=True) as txn:
+            for k, v in txn.cursor(db=self.db):
+                yield _KEY.unpack(bytes(k))[0], bytes(v)
+
+    def keys(self) -> list[int]:
+        with self.env.begin() as txn:
+            return [_KEY.unpack(k)[0] for k in txn.cursor(db=self.db).iternext(keys=True, values=False)]
+
+    def clear(self) -> None:
+        with self.env.begin(write=True) as txn:
+            txn.drop(self.db, delete=False)
+
+    def disk_bytes(self) -> int:
+        with self.env.begin() as txn:
+            st = txn.stat(self.db)
+        return (st["branch_pages"] + st["leaf_pages"] + st["overflow_pages"]) * st["psize"]
+
+    def close(self) -> None:
+        if self._owned:
+            self.env.close()
