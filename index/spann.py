@@ -507,32 +507,32 @@ class SpannIndex:
         return len(new)
 
     def compact(self) -> None:
-        """Rewrite every list without stale or deleted entries, merge tiny lists into their
-        neighbours, and reset versions (every surviving entry is current)."""
+        """Merge tiny lists into their neighbours (their vectors are reinserted), then rewrite
+        every list without stale or deleted entries and reset versions: afterwards every
+        stored entry is current and no tombstone is needed."""
         with self._lock:
             self._seal()
-            orphans_ids, orphans_vecs = [], []
-            keep_heads = []
+            orphan_ids, orphan_vecs = [], []
             for h in self.store.keys():
-                (blob,) = self.store.get_many([h])
-                p = codec.decode(blob, self.dim)
+                if self.heads.count <= 1:
+                    break
+                p = codec.decode(self.store.get_many([h])[0], self.dim)
                 p = p.take(self._valid(p))
-                if len(p) < self.config.min_posting and self.heads.count > 1:
+                if len(p) < self.config.min_posting:
                     self.heads.remove(h)
                     self.store.write({}, deletes=[h])
-                    orphans_ids.append(p.ids)
-                    orphans_vecs.append(p.vectors.astype(np.float32))
-                else:
-                    keep_heads.append(h)
-                    self.store.write({h: codec.encode(Posting(p.ids, np.zeros(len(p), np.uint16), p.vectors),
-                                                      self.config.compress)})
+                    orphan_ids.append(p.ids)
+                    orphan_vecs.append(p.vectors.astype(np.float32))
+            if orphan_ids and len(ids := np.concatenate(orphan_ids)):
+                ids, first = np.unique(ids, return_index=True)
+                self._count -= len(ids)
+                self._insert(ids, np.concatenate(orphan_vecs)[first])
+            for h in self.store.keys():
+                p = codec.decode(self.store.get_many([h])[0], self.dim)
+                p = p.take(self._valid(p))
+                self.store.write({h: codec.encode(Posting(p.ids, np.zeros(len(p), np.uint16), p.vectors),
+                                                  self.config.compress)})
             self._versions, self._deleted, self._filter_cache = {}, set(), None
-            if orphans_ids:
-                ids = np.concatenate(orphans_ids)
-                if len(ids):
-                    ids, first = np.unique(ids, return_index=True)
-                    self._count -= len(ids)
-                    self._insert(ids, np.concatenate(orphans_vecs)[first])
 
     # -- persistence ----------------------------------------------------------------------------
 

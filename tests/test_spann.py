@@ -1,0 +1,216 @@
+"""SPANN against exact search on seeded data: recall, replicas, pruning, updates, crashes."""
+
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from index import SearchParams, create_index, load_index
+from index.spann import SpannConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def clustered(n: int, d: int = 32, centers: int = 200, seed: int = 0, q: int = 200):
+    rng = np.random.default_rng(seed)
+    c = rng.standard_normal((centers, d)).astype(np.float32) * 2
+    x = c[rng.integers(0, centers, n)] + rng.standard_normal((n, d)).astype(np.float32)
+    qs = c[rng.integers(0, centers, q)] + rng.standard_normal((q, d)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    qs /= np.linalg.norm(qs, axis=1, keepdims=True)
+    return x.astype(np.float32), qs.astype(np.float32)
+
+
+def recall(found: np.ndarray, truth: np.ndarray) -> float:
+    return float(np.mean([len(set(a[a >= 0]) & set(b)) / len(b) for a, b in zip(found, truth)]))
+
+
+def exact(ids: np.ndarray, x: np.ndarray, q: np.ndarray, k: int = 10) -> np.ndarray:
+    flat = create_index("flat", x.shape[1])
+    flat.add(ids, x)
+    return flat.search(q, k).ids
+
+
+def build(ids, x, **cfg):
+    ix = create_index("spann", x.shape[1], "ip", **cfg)
+    ix.train(x[::4], total=len(x))
+    for s in range(0, len(x), 5000):
+        ix.add(ids[s:s + 5000], x[s:s + 5000])
+    ix.search(x[:1], 1)  # the first search seals the bulk-staged lists; later adds update in place
+    return ix
+
+
+@pytest.fixture(scope="module")
+def data():
+    x, q = clustered(30_000)
+    ids = np.arange(len(x), dtype=np.int64) * 3 + 1
+    return ids, x, q, exact(ids, x, q)
+
+
+@pytest.fixture(scope="module")
+def index(data):
+    ids, x, _, _ = data
+    return build(ids, x)
+
+
+def test_recall_against_exact_search(index, data):
+    _, _, q, truth = data
+    assert recall(index.search(q, 10).ids, truth) >= 0.95
+    narrow = index.search(q, 10, params=SearchParams(prune_epsilon=0.0, nprobe=2)).ids
+    assert recall(narrow, truth) < recall(index.search(q, 10).ids, truth) + 1e-9
+
+
+def test_replicas_are_never_returned_twice(index, data):
+    _, _, q, _ = data
+    res = index.search(q, 50, params=SearchParams(prune_epsilon=2.0, nprobe=64))
+    for row in res.ids:
+        row = row[row >= 0]
+        assert len(row) == len(set(row.tolist()))
+    assert (np.diff(res.scores, axis=1)[res.ids[:, 1:] >= 0] <= 1e-6).all()  # sorted best first
+
+
+def test_closure_replication_and_the_rng_rule(data):
+    ids, x, _, _ = data
+    wide = build(ids[:8000], x[:8000], closure_epsilon=10.0, rng_factor=1e9)
+    sizes = np.array([len(h) for h in wide._assign(x[:300])])
+    assert (sizes == wide.config.replicas).all()  # rule off, closure wide: every replica taken
+    strict = build(ids[:8000], x[:8000], closure_epsilon=10.0)
+    for v, heads in zip(x[:300], strict._assign(x[:300])):
+        assert 1 <= len(heads) <= strict.config.replicas
+        hv = strict.heads.vectors[heads]
+        to_x = ((hv - v) ** 2).sum(1)
+        for j in range(1, len(heads)):  # no chosen head lies in the direction of an earlier one
+            between = ((hv[:j] - hv[j]) ** 2).sum(1)
+            assert (between >= to_x[j] - 1e-5).all()
+    tight = build(ids[:8000], x[:8000], closure_epsilon=0.0, rng_factor=1e9)
+    assert all(len(h) <= 2 for h in tight._assign(x[:300]))  # only (near-)ties with the nearest head
+
+
+def test_pruning_is_monotone(index, data):
+    _, _, q, _ = data
+    previous = None
+    for eps in [0.0, 0.1, 0.3, 0.6, 1.5]:
+        lists = index.probe_lists(q, SearchParams(prune_epsilon=eps))
+        if previous is not None:
+            assert all(set(a.tolist()) <= set(b.tolist()) for a, b in zip(previous, lists))
+        previous = lists
+    capped = index.probe_lists(q, SearchParams(prune_epsilon=5.0, nprobe=3))
+    assert max(len(p) for p in capped) <= 3
+
+
+def test_updates_keep_recall_close_to_a_fresh_build_and_hide_deleted_ids(data):
+    ids, x, q, _ = data
+    n0 = int(len(x) / 1.2)  # build on 5/6, insert the rest (20% of the initial size)
+    ix = build(ids[:n0], x[:n0], max_posting=64)
+    heads_before = ix.heads.count
+    for s in range(n0, len(x), 1000):
+        ix.add(ids[s:s + 1000], x[s:s + 1000])
+    assert ix.heads.count > heads_before  # lists grew past max_posting and split
+    rng = np.random.default_rng(1)
+    deleted = rng.choice(ids, size=len(ids) // 10, replace=False)
+    ix.remove(deleted)
+    keep = ~np.isin(ids, deleted)
+    truth = exact(ids[keep], x[keep], q)
+    updated = ix.search(q, 10)
+    assert not np.isin(updated.ids, deleted).any()
+    fresh = build(ids[keep], x[keep], max_posting=64)
+    r_updated, r_fresh = recall(updated.ids, truth), recall(fresh.search(q, 10).ids, truth)
+    assert r_updated >= r_fresh - 0.02, (r_updated, r_fresh)
+    ix.compact()  # drops tombstones and stale replicas from the lists
+    assert not ix._deleted
+    from index import postings
+    for h in ix.store.keys():
+        p = postings.decode(ix.store.get_many([h])[0], ix.dim)
+        assert ix._valid(p).all() and not np.isin(p.ids, deleted).any()
+        assert len(p) >= ix.config.min_posting
+    assert not np.isin(ix.search(q, 10).ids, deleted).any()
+    assert recall(ix.search(q, 10).ids, truth) >= r_fresh - 0.02
+
+
+def test_reinserted_id_moves_and_old_replicas_go_stale(data):
+    ids, x, q, _ = data
+    ix = build(ids[:5000], x[:5000])
+    ix.add(ids[:1], q[:1])  # id 1 now holds the first query's vector
+    res = ix.search(q[:1], 3)
+    assert res.ids[0, 0] == ids[0]
+    old = ix.search(x[:1], 10).ids[0]
+    assert ids[0] not in old.tolist() or np.isclose(x[0] @ q[0], 1.0)
+
+
+def test_search_while_updating_never_errors(data):
+    ids, x, q, _ = data
+    ix = build(ids[:10_000], x[:10_000], max_posting=120)
+    errors = []
+
+    def searcher():
+        try:
+            for _ in range(30):
+                r = ix.search(q[:20], 10)
+                assert (r.ids[:, 0] >= 0).all()
+        except Exception as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=searcher) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for s in range(10_000, 16_000, 500):
+        ix.add(ids[s:s + 500], x[s:s + 500])
+        ix.remove(ids[s - 10_000:s - 9_900])
+    for t in threads:
+        t.join()
+    assert not errors
+
+
+def test_save_and_load_roundtrip(tmp_path, index, data):
+    _, _, q, _ = data
+    index.save(tmp_path / "ix")
+    loaded = load_index("spann", tmp_path / "ix")
+    np.testing.assert_array_equal(loaded.search(q, 10).ids, index.search(q, 10).ids)
+    assert loaded.stats().memory_bytes < 0.2 * data[1].nbytes
+
+
+def test_config_is_validated():
+    with pytest.raises(ValueError, match="replicas"):
+        SpannConfig(replicas=0)
+    with pytest.raises(ValueError, match="prune_epsilon"):
+        SpannConfig(prune_epsilon=-1)
+
+
+def test_datastore_on_spann_keeps_acknowledged_upserts_after_sigkill(tmp_path):
+    from datastore.build import BuildConfig, build as build_ds
+    from datastore.store import open_datastore
+
+    x, _ = clustered(3000, d=16)
+    np.save(tmp_path / "v.npy", x)
+    (tmp_path / "p.jsonl").write_text("".join(f'{{"text": "p{i}"}}\n' for i in range(len(x))))
+    out = tmp_path / "ds"
+    build_ds(BuildConfig([str(tmp_path / "p.jsonl")], out, embeddings=tmp_path / "v.npy", shards=2,
+                         index_kind="spann", index_params={"max_posting": 64}, progress=False))
+    script = (
+        "import os, sys, numpy as np\n"
+        "from datastore.store import open_datastore\n"
+        "from datastore.records import Passage\n"
+        f"ds = open_datastore({str(out)!r})\n"
+        "rng = np.random.default_rng(5)\n"
+        "for n in range(40):\n"
+        "    v = rng.standard_normal((5, 16)).astype(np.float32)\n"
+        "    ids = ds.upsert([Passage(-1, f'new{n}-{j}') for j in range(5)], v)\n"
+        "    print(' '.join(map(str, ids)), flush=True)\n"
+        "    if n == 25:\n"
+        "        os.kill(os.getpid(), 9)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == -9, r.stderr
+    acked = [int(i) for line in r.stdout.split() for i in [line]]
+    assert len(acked) == 26 * 5
+    rng = np.random.default_rng(5)
+    vectors = np.concatenate([rng.standard_normal((5, 16)).astype(np.float32) for _ in range(26)])
+    with open_datastore(out) as ds:
+        found = ds.search_vectors(vectors, 1, params=SearchParams(prune_epsilon=1.0)).ids[:, 0]
+        assert (found == np.array(acked)).mean() >= 0.95
+        assert len(ds.get_passages(acked)) == len(acked)
