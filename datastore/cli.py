@@ -142,7 +142,10 @@ def _parse_filter(items: Sequence[str]) -> dict[str, str] | None:
 @click.option("--filter", "filters", multiple=True, help="Metadata KEY=VALUE that hits must have.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object a line per question.")
 @click.option("--text/--no-text", "include_text", default=True, show_default=True, help="Print passage text.")
-def search(target, questions, queries_file, k, tenant, filters, as_json, include_text) -> None:
+@click.option("--nprobe", type=int, help="Index knob: lists probed at most (spann).")
+@click.option("--prune-epsilon", type=float, help="Index knob: eps2 of query-aware pruning (spann).")
+def search(target, questions, queries_file, k, tenant, filters, as_json, include_text, nprobe,
+           prune_epsilon) -> None:
     """Answer QUESTIONS from TARGET: a datastore directory (embedded) or a server host:port."""
     qs = list(questions)
     if queries_file is not None:
@@ -152,7 +155,10 @@ def search(target, questions, queries_file, k, tenant, filters, as_json, include
         qs += [line.strip() for line in queries_file.read_text().splitlines() if line.strip()]
     if not qs:
         raise InvalidArgument("no question given", hint="pass questions as arguments or --queries FILE")
-    rows = search_target(target, qs, k, tenant, _parse_filter(filters), include_text)
+    from index import SearchParams
+
+    params = SearchParams(nprobe=nprobe, prune_epsilon=prune_epsilon)
+    rows = search_target(target, qs, k, tenant, _parse_filter(filters), include_text, params)
     for q, hits in zip(qs, rows):
         if as_json:
             _echo_json({"query": q, "results": [
@@ -163,18 +169,19 @@ def search(target, questions, queries_file, k, tenant, filters, as_json, include
 
 
 def search_target(target: str, questions: list[str], k: int, tenant: str | None = None,
-                  metadata_filter: dict[str, str] | None = None, include_text: bool = True):
+                  metadata_filter: dict[str, str] | None = None, include_text: bool = True, params=None):
     """Hits from a local directory or, for host:port, from a server: the same result shape."""
     if not Path(target).exists() and _ADDRESS.match(target):
         from service.client import DatastoreClient
 
         with DatastoreClient(target) as client:
             return client.search(questions, k=k, tenant=tenant, metadata_filter=metadata_filter,
-                                 include_text=include_text)
+                                 include_text=include_text, params=params)
     from datastore.store import open_datastore
 
     with open_datastore(target) as ds:
-        return ds.search(questions, k=k, tenant=tenant, metadata_filter=metadata_filter, include_text=include_text)
+        return ds.search(questions, k=k, tenant=tenant, metadata_filter=metadata_filter, include_text=include_text,
+                         params=params)
 
 
 def _print_hits(question: str, hits, include_text: bool) -> None:

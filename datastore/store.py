@@ -127,6 +127,16 @@ class Datastore:
         if not isinstance(k, (int, np.integer)) or not 1 <= k <= self.limits.max_k:
             raise InvalidArgument.field("k", f"must be between 1 and {self.limits.max_k}, got {k}")
 
+    @staticmethod
+    def _check_params(params: SearchParams | None) -> None:
+        if params is None:
+            return
+        for name, value, low in (("nprobe", params.nprobe, 1), ("ef_search", params.ef_search, 1),
+                                 ("candidate_budget", params.candidate_budget, 1),
+                                 ("prune_epsilon", params.prune_epsilon, 0.0), ("oversample", params.oversample, 1.0)):
+            if value is not None and not (np.isfinite(value) and value >= low):
+                raise InvalidArgument.field(f"params.{name}", f"must be >= {low}, got {value}")
+
     def check_vectors(self, vectors: np.ndarray, name: str = "vector") -> np.ndarray:
         vectors = np.asarray(vectors)
         if vectors.ndim == 1:
@@ -171,6 +181,7 @@ class Datastore:
                        params: SearchParams | None = None) -> SearchResult:
         """Merged top-k over all shards for float32 (Q, dim) queries."""
         self._check_k(k)
+        self._check_params(params)
         vectors = self.check_vectors(vectors, "queries")
 
         def one(i: int) -> SearchResult:
