@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import platform
 import queue
+import shutil
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -151,6 +152,10 @@ def _check_out_dir(cfg: BuildConfig, manifest: Manifest) -> Manifest | None:
         if key == other:
             return existing
         diff = sorted(k for k in key if key[k] != other.get(k))
+        if not existing.complete:
+            raise AlreadyExists(f"{cfg.out} holds an interrupted build whose settings or inputs differ "
+                                f"(in: {', '.join(diff)})",
+                                hint="rerun with the original settings and inputs, or delete the directory")
         raise AlreadyExists(f"{cfg.out} holds another datastore (differs in: {', '.join(diff)})",
                             hint="choose another --out directory, or delete that one")
     if cfg.out.exists() and any(cfg.out.iterdir()):
@@ -269,15 +274,15 @@ def build(cfg: BuildConfig, encoder_factory: Callable[[], Encoder] | None = None
         manifest.model.dim, manifest.model.revision = encoder.dim, encoder.revision
     summary.load_seconds = time.perf_counter() - t0
     dim = manifest.model.dim
+    if vectors_in is not None and (records := count_documents(cfg.inputs)) != len(vectors_in):
+        raise InvalidArgument(f"{len(vectors_in)} embedding rows for {records} records",
+                              hint="give one embedding row per input record, in the same order")
+    total_docs = count_documents(cfg.inputs, cfg.limit_docs)
     if existing is not None:
         manifest.provenance["started_at"] = existing.provenance.get("started_at")
+    created_dir = not cfg.out.exists()
     cfg.out.mkdir(parents=True, exist_ok=True)
     manifest.save(cfg.out)
-
-    total_docs = count_documents(cfg.inputs, cfg.limit_docs)
-    if vectors_in is not None and total_docs is not None and total_docs > len(vectors_in) and not cfg.skip_bad_lines:
-        raise InvalidArgument(f"{len(vectors_in)} embedding rows for {total_docs} records",
-                              hint="give one embedding row per input record")
     shards = [Shard(cfg.out / shard_dir(i), i, dim, cfg.vector_dtype, create=True) for i in range(cfg.shards)]
     stats = ReadStats()
     dedup = Deduplicator(cfg.dedup)
@@ -309,6 +314,11 @@ def build(cfg: BuildConfig, encoder_factory: Callable[[], Encoder] | None = None
         for shard in shards:
             build_index(shard, manifest.index, cfg.seed)
         summary.index_seconds = time.perf_counter() - t_index
+    except BaseException:
+        writer.shutdown(wait=True)
+        if existing is None and sum(len(s) for s in shards) == 0:
+            _remove_new_build(cfg.out, shards, created_dir)  # nothing committed: leave no trace
+        raise
     finally:
         writer.shutdown(wait=True)
         for shard in shards:
@@ -327,6 +337,16 @@ def build(cfg: BuildConfig, encoder_factory: Callable[[], Encoder] | None = None
     manifest.complete = True
     manifest.save(cfg.out)
     return summary
+
+
+def _remove_new_build(out: Path, shards: list[Shard], created_dir: bool) -> None:
+    """Undo a build that failed before committing anything, so a fixed rerun starts clean."""
+    for shard in shards:
+        shard.close()
+        shutil.rmtree(shard.path, ignore_errors=True)
+    (out / MANIFEST).unlink(missing_ok=True)
+    if created_dir:
+        shutil.rmtree(out, ignore_errors=True)
 
 
 def _load_embeddings(path: Path) -> np.ndarray:

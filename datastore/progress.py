@@ -13,7 +13,8 @@ class BuildProgress:
     """Context manager; `update(docs_done, passages, embedded_now)`. Silent when disabled."""
 
     def __init__(self, total_docs: int | None, enabled: bool = True) -> None:
-        self.enabled = enabled
+        # a live bar only on a terminal: in logs and pipes the summary line says it all
+        self.enabled = enabled and sys.stderr.isatty()
         self._t0 = time.perf_counter()
         self._embedded = 0
         if enabled:
@@ -21,7 +22,7 @@ class BuildProgress:
                 TextColumn("[bold]building"), BarColumn(bar_width=20), MofNCompleteColumn(), TextColumn("docs"),
                 TextColumn("{task.fields[passages]} passages"), TextColumn("{task.fields[rate]:.1f} passages/s"),
                 TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-                console=Console(file=sys.stderr), transient=False,
+                console=Console(file=sys.stderr), transient=True,  # the summary replaces the bar
             )
             self._task = self._progress.add_task("build", total=total_docs, passages=0, rate=0.0)
 

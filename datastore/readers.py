@@ -121,7 +121,8 @@ def check_inputs(inputs: list[str]) -> None:
             continue
         p = Path(spec)
         if not p.exists():
-            raise NotFound(f"input {spec} does not exist", resource_type="file", resource_name=spec)
+            raise NotFound(f"input {spec} does not exist", resource_type="file", resource_name=spec,
+                           hint="check the path; inputs are JSONL/Parquet files, text directories or `wiki`")
         if p.is_file() and p.suffix not in (".jsonl", ".parquet"):
             raise InvalidArgument(f"input {spec}: unknown file type {p.suffix!r}",
                                   hint="use .jsonl, .parquet or a directory of .txt/.md files")

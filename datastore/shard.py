@@ -187,4 +187,4 @@ class Shard:
         return sum(p.stat().st_size for p in self.path.glob("*.mdb"))
 
     def close(self) -> None:
-        self.env.close()
+        self.env.close()  # idempotent in py-lmdb

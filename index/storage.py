@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import struct
 from pathlib import Path
-from typing import Iterable, Iterator, Protocol, Sequence
+from contextlib import contextmanager
+from typing import Callable, ContextManager, Iterable, Iterator, Protocol, Sequence
 
 import lmdb
 
@@ -17,6 +18,9 @@ _KEY = struct.Struct(">Q")
 
 class BlobStore(Protocol):
     def get_many(self, keys: Sequence[int]) -> list[bytes | None]: ...
+
+    def viewing(self) -> "ContextManager[Callable[[Sequence[int]], list[memoryview | None]]]":
+        """Zero-copy reads: inside the context, a function giving views valid until it exits."""
 
     def write(self, puts: dict[int, bytes], deletes: Iterable[int] = ()) -> None: ...
 
@@ -50,6 +54,11 @@ class LmdbBlobStore:
     def get_many(self, keys: Sequence[int]) -> list[bytes | None]:
         with self.env.begin(buffers=True) as txn:
             return [None if (v := txn.get(_KEY.pack(int(k)), db=self.db)) is None else bytes(v) for k in keys]
+
+    @contextmanager
+    def viewing(self) -> Iterator[Callable[[Sequence[int]], list[memoryview | None]]]:
+        with self.env.begin(buffers=True) as txn:
+            yield lambda keys: [txn.get(_KEY.pack(int(k)), db=self.db) for k in keys]
 
     def write(self, puts: dict[int, bytes], deletes: Iterable[int] = ()) -> None:
         while True:

@@ -9,7 +9,7 @@ from typing import Any, Iterator, Sequence
 import grpc
 import numpy as np
 
-from datastore.errors import DatastoreError
+from datastore.errors import DatastoreError, InvalidArgument
 from datastore.records import Hit, Passage
 from index import SearchParams
 from service import convert
@@ -63,6 +63,8 @@ class DatastoreClient:
         """Top-k hits for each query (a text or a vector), in query order."""
         if isinstance(queries, (str, np.ndarray)) and not (isinstance(queries, np.ndarray) and queries.ndim == 2):
             queries = [queries]
+        if not isinstance(k, int) or not 0 <= k < 2**32:  # the rest is the server's to judge
+            raise InvalidArgument.field("k", f"must be a positive integer, got {k!r}")
         req = pb.SearchRequest(queries=[convert.query_to_pb(q) for q in queries], k=k, tenant=tenant,
                                metadata_filter=metadata_filter or {}, params=convert.params_to_pb(params),
                                include_text=include_text)

@@ -92,7 +92,8 @@ class DatastoreServicer(pb_grpc.DatastoreServicer):
                 raise ResourceExhausted(f"more than {self.store.limits.max_upsert_batch} items in one Upsert stream",
                                         subject="batch size", hint="split the stream into several Upsert calls")
             passages.append(convert.passage_from_pb(item.passage))
-            vectors.append(convert.vector_from_pb(item.vector, f"items[{n}].vector")
+            vectors.append(self.store.check_vectors(convert.vector_from_pb(item.vector, f"items[{n}].vector"),
+                                                    f"items[{n}].vector")[0]
                            if item.HasField("vector") else None)
         if not passages:
             raise InvalidArgument.field("items", "the Upsert stream was empty")
