@@ -45,15 +45,17 @@ class SpannConfig:
     """Build and search settings; the defaults work from thousands to millions of vectors."""
 
     #: Heads as a share of vectors; each head's list then holds ~replication/head_ratio entries.
-    head_ratio: float = 0.02
+    #: (SPTAG starts from 0.2; on GloVe-50, 0.01 gave the best recall per query time.)
+    head_ratio: float = 0.01
     branching: int = 16
     balance_slack: float = 1.3
     #: Closure replication: at most this many heads per vector (SPANN: 8).
     replicas: int = 8
     #: eps1: replicate to heads within (1 + eps1) x the nearest head's distance.
-    closure_epsilon: float = 0.2
-    #: RNG rule: skip head h if rng_factor * dist(h, chosen) < dist(x, h).
-    rng_factor: float = 1.0
+    closure_epsilon: float = 0.5
+    #: RNG rule: skip head h if rng_factor * dist(h, chosen)^2 < dist(x, h)^2. 1.0 is the strict
+    #: rule; 2.0 (measured on GloVe-50) replicates ~3x and reaches recall 0.95 with half the lists.
+    rng_factor: float = 2.0
     #: eps2 default: probe heads within (1 + eps2) x the nearest head's distance.
     prune_epsilon: float = 0.6
     #: Hard cap on lists probed per query (SearchParams.nprobe overrides).

@@ -78,7 +78,7 @@ def test_closure_replication_and_the_rng_rule(data):
     wide = build(ids[:8000], x[:8000], closure_epsilon=10.0, rng_factor=1e9)
     sizes = np.array([len(h) for h in wide._assign(x[:300])])
     assert (sizes == wide.config.replicas).all()  # rule off, closure wide: every replica taken
-    strict = build(ids[:8000], x[:8000], closure_epsilon=10.0)
+    strict = build(ids[:8000], x[:8000], closure_epsilon=10.0, rng_factor=1.0)
     for v, heads in zip(x[:300], strict._assign(x[:300])):
         assert 1 <= len(heads) <= strict.config.replicas
         hv = strict.heads.vectors[heads]
