@@ -40,7 +40,7 @@ def build_index(shard: Shard, info: IndexInfo, seed: int = 0) -> VectorIndex:
     """Train and fill a new index from the shard's stored vectors, then save it."""
     seq = shard.seq
     index = create_index(info.kind, shard.dim, info.metric, storage=shard.blob_store(), **info.params)
-    index.train(_sample(shard, TRAIN_SAMPLE, seed), total=len(shard))
+    index.train(_sample(shard, TRAIN_SAMPLE, seed))
     for ids, vecs, tenants in shard.iter_vectors(with_tenants=True):
         index.add(ids, vecs, tenants)
     save_index(shard, index, seq)

@@ -77,8 +77,8 @@ class VectorIndex(Protocol):
     dim: int
     metric: Metric
 
-    def train(self, sample: np.ndarray, total: int | None = None) -> None:
-        """Learn from `sample`; `total` is how many vectors will be added (None: len(sample))."""
+    def train(self, sample: np.ndarray) -> None:
+        """Learn from `sample` (a kind that sizes itself by the data waits for the adds)."""
 
     def add(self, ids: np.ndarray, vectors: np.ndarray, tenants: Sequence[Iterable[str]] | None = None) -> None: ...
 

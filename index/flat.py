@@ -49,7 +49,7 @@ class FlatIndex:
     def __len__(self) -> int:
         return int(self._index.ntotal)
 
-    def train(self, sample: np.ndarray, total: int | None = None) -> None:
+    def train(self, sample: np.ndarray) -> None:
         """Exact search learns nothing; the sample is only checked for its shape."""
         check_vectors(sample, self.dim, "sample")
 

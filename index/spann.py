@@ -182,12 +182,11 @@ class SpannIndex:
         self._count = 0
         self._lock = threading.RLock()
         self._filter_cache: tuple | None = None
-        # bulk phase state
-        self._staging: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
-        self._staged_bytes = 0
-        self._spill: LmdbBlobStore | None = None
-        self._spill_dir: Path | None = None
-        self._spill_seq = 0
+        # bulk phase: raw rows wait in a scratch LMDB until the seal
+        self._sample: np.ndarray | None = None
+        self._raw: LmdbBlobStore | None = None
+        self._raw_seq = 0
+        self._spills: list[Path] = []
         self._sealed = True
 
     def __len__(self) -> int:
@@ -195,34 +194,33 @@ class SpannIndex:
 
     # -- training and bulk build ----------------------------------------------------------------
 
-    def train(self, sample: np.ndarray, total: int | None = None) -> None:
-        """Choose heads on `sample` (about head_ratio x `total` of them); empties the store."""
+    def train(self, sample: np.ndarray) -> None:
+        """Keep a training sample and empty the store. Heads are chosen when the bulk adds
+        that follow are sealed, once their count is known (about head_ratio x count)."""
         sample = check_vectors(sample, self.dim, "sample")
-        if len(sample) == 0:  # nothing to learn yet: the first add trains on what it brings
-            with self._lock:
-                self.heads.reset(np.zeros((0, self.dim), np.float32))
-                self.store.clear()
-                self._sealed = True
-            return
-        total = max(total or len(sample), len(sample))
         if len(sample) > self.config.train_sample:
             rng = np.random.default_rng(self.config.seed)
             sample = sample[np.sort(rng.choice(len(sample), self.config.train_sample, replace=False))]
+        with self._lock:
+            self._drop_spills()
+            self._sample = sample.copy()
+            self.heads.reset(np.zeros((0, self.dim), np.float32))
+            self.store.clear()
+            self._versions, self._deleted, self._tenants, self._count = {}, set(), {}, 0
+            self._filter_cache = None
+            self._sealed = False
+
+    def _choose_heads(self, sample: np.ndarray, total: int) -> None:
         heads_wanted = max(1, round(self.config.head_ratio * total))
         # a leaf of the tree holds about leaf_size / 1.6 points on average (measured), so aim above
         leaf = max(1, math.ceil(1.6 * len(sample) / heads_wanted))
-        centroids = hierarchical_heads(sample, leaf, branching=self.config.branching,
-                                       slack=self.config.balance_slack, seed=self.config.seed)
-        with self._lock:
-            self.heads.reset(centroids)
-            if not self.config.max_posting:
-                mean_list = total * min(self.config.replicas, 3) / max(1, len(centroids))
-                self.max_posting = max(16, int(4 * mean_list))
-            self.store.clear()
-            self._versions, self._deleted, self._tenants, self._count = {}, set(), {}, 0
-            self._sealed = False
+        self.heads.reset(hierarchical_heads(sample, leaf, branching=self.config.branching,
+                                            slack=self.config.balance_slack, seed=self.config.seed))
+        if not self.config.max_posting:
+            mean_list = total * min(self.config.replicas, 3) / self.heads.count
+            self.max_posting = max(16, int(4 * mean_list))
 
-    def _assign(self, vectors: np.ndarray, exclude: np.ndarray | None = None) -> list[np.ndarray]:
+    def _assign(self, vectors: np.ndarray) -> list[np.ndarray]:
         """Heads of each vector: closure replication filtered by the RNG rule."""
         cfg = self.config
         out: list[np.ndarray] = []
@@ -250,8 +248,6 @@ class SpannIndex:
     def add(self, ids: np.ndarray, vectors: np.ndarray, tenants: Sequence[Iterable[str]] | None = None) -> None:
         vectors = check_vectors(vectors, self.dim)
         ids = check_ids(ids, len(vectors))
-        if self.heads.count == 0 and self._count == 0:
-            self.train(vectors)
         if tenants is not None and len(tenants) != len(ids):
             raise ValueError(f"tenants must have one entry per id ({len(ids)}), got {len(tenants)}")
         with self._lock:
@@ -262,70 +258,113 @@ class SpannIndex:
                         self._tenants[i] = ts
                     else:
                         self._tenants.pop(i, None)
+            if self._sealed and self.heads.count == 0:  # an empty index: this add is a bulk build
+                self._sample = None
+                self._sealed = False
             if self._sealed:
                 self._insert(ids, vectors)
             else:
                 self._stage(ids, vectors)
 
-    def _stage(self, ids: np.ndarray, vectors: np.ndarray) -> None:
-        heads = self._assign(vectors)
-        rep = np.fromiter((len(h) for h in heads), np.int64, len(heads))
-        entry_rows = np.repeat(np.arange(len(ids)), rep)
-        entry_heads = np.concatenate(heads).astype(np.int64)
-        primary = np.zeros(len(entry_rows), np.uint16)
-        primary[np.concatenate([[0], np.cumsum(rep)[:-1]])] = 1  # the nearest head comes first
-        vecs = vectors[entry_rows].astype(self.config.vector_dtype)
-        self._staging.append((entry_heads, ids[entry_rows], primary, vecs))
-        self._staged_bytes += vecs.nbytes + entry_rows.size * 18
-        self._count += len(ids)
-        if self._staged_bytes >= self.config.stage_bytes:
-            self._spill_staging()
+    #: Rows per staged blob: bounds the memory of a bulk build whatever the size of one add.
+    STAGE_ROWS = 65_536
 
-    def _spill_staging(self) -> None:
-        """Move staged entries to the scratch LMDB, one blob per (head, spill)."""
-        if not self._staging:
+    def _spill_store(self, name: str) -> LmdbBlobStore:
+        """A scratch LMDB beside the posting store (in the shard directory when there is one)."""
+        base = getattr(self.store, "path", None)
+        d = Path(tempfile.mkdtemp(prefix=f"spann-{name}-", dir=base if base and Path(base).is_dir() else None))
+        self._spills.append(d)
+        return LmdbBlobStore.open(d)
+
+    def _drop_spills(self) -> None:
+        for d in self._spills:
+            shutil.rmtree(d, ignore_errors=True)
+        self._spills = []
+        base = getattr(self.store, "path", None)
+        if base and Path(base).is_dir():  # left behind by a build that was killed
+            for d in Path(base).glob("spann-*-*"):
+                shutil.rmtree(d, ignore_errors=True)
+
+    def _stage(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        """Bulk phase: keep raw (id, vector) rows in a scratch LMDB until the seal."""
+        if self._raw is None:
+            self._raw = self._spill_store("raw")
+        puts = {}
+        for start in range(0, len(ids), self.STAGE_ROWS):
+            part = slice(start, start + self.STAGE_ROWS)
+            puts[self._raw_seq] = codec.encode(Posting(ids[part], np.zeros(len(ids[part]), np.uint16), vectors[part]))
+            self._raw_seq += 1
+        self._raw.write(puts)
+        self._count += len(ids)
+
+    def _seal(self) -> None:
+        """End the bulk phase: choose heads, assign every staged row to its heads, and write
+        each list once (capped at max_posting, primaries kept). Memory stays bounded: rows
+        stream from the raw spill, assignments gather in a second spill sorted by head."""
+        if self._sealed:
             return
-        if self._spill is None:
-            base = Path(getattr(self.store, "path", None) or tempfile.gettempdir())
-            self._spill_dir = Path(tempfile.mkdtemp(prefix="spann-stage-", dir=base.parent if base.is_dir() else None))
-            self._spill = LmdbBlobStore.open(self._spill_dir)
-        heads, ids, prim, vecs = (np.concatenate(c) for c in zip(*self._staging))
+        self._sealed = True
+        if self._raw is None:
+            return
+        sample = self._sample
+        if sample is None or not len(sample):
+            rows = []
+            for _, blob in self._raw.items():
+                rows.append(codec.decode(blob, self.dim).vectors)
+                if sum(map(len, rows)) >= self.config.train_sample:
+                    break
+            sample = np.concatenate(rows)[:self.config.train_sample].astype(np.float32)
+        self._choose_heads(sample, self._count)
+        self._sample = None
+        grouped = self._spill_store("grouped")
+        pending: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
+        pending_bytes, seq = 0, 0
+        for _, blob in self._raw.items():
+            p = codec.decode(blob, self.dim)
+            heads = self._assign(p.vectors)
+            rep = np.fromiter((len(h) for h in heads), np.int64, len(heads))
+            rows = np.repeat(np.arange(len(p)), rep)
+            primary = np.zeros(len(rows), np.uint16)
+            primary[np.concatenate([[0], np.cumsum(rep)[:-1]])] = 1  # the nearest head comes first
+            vecs = p.vectors[rows].astype(self.config.vector_dtype)
+            pending.append((np.concatenate(heads).astype(np.int64), p.ids[rows], primary, vecs))
+            pending_bytes += vecs.nbytes
+            if pending_bytes >= self.config.stage_bytes:
+                self._spill_grouped(grouped, pending, seq)
+                pending, pending_bytes, seq = [], 0, seq + 1
+        self._spill_grouped(grouped, pending, seq)
+        batch: dict[int, bytes] = {}
+        head, parts = None, []
+        for key, blob in grouped.items():  # keys sort by head, then by spill
+            h = key >> 24
+            if h != head and parts:
+                batch[head] = self._finish_posting(head, parts)
+                parts = []
+                if len(batch) >= 512:
+                    self.store.write(batch)
+                    batch = {}
+            head = h
+            parts.append(codec.decode(blob, self.dim))
+        if parts:
+            batch[head] = self._finish_posting(head, parts)
+        self.store.write(batch)
+        for spill in (self._raw, grouped):
+            spill.close()
+        self._raw = None
+        self._drop_spills()
+
+    @staticmethod
+    def _spill_grouped(grouped: LmdbBlobStore, pending: list, seq: int) -> None:
+        if not pending:
+            return
+        heads, ids, prim, vecs = (np.concatenate(c) for c in zip(*pending))
         order = np.argsort(heads, kind="stable")
         heads, ids, prim, vecs = heads[order], ids[order], prim[order], vecs[order]
         bounds = np.flatnonzero(np.diff(heads)) + 1
         puts = {}
         for part in np.split(np.arange(len(heads)), bounds):
-            h = int(heads[part[0]])
-            puts[(h << 24) | self._spill_seq] = codec.encode(Posting(ids[part], prim[part], vecs[part]))
-        self._spill.write(puts)
-        self._spill_seq += 1
-        self._staging, self._staged_bytes = [], 0
-
-    def _seal(self) -> None:
-        """Turn staged entries into final posting lists (capped at max_posting, primaries kept)."""
-        if self._sealed:
-            return
-        self._spill_staging()
-        if self._spill is not None:
-            batch: dict[int, bytes] = {}
-            head, parts = None, []
-            for key, blob in self._spill.items():
-                h = key >> 24
-                if h != head and parts:
-                    batch[head] = self._finish_posting(head, parts)
-                    parts = []
-                    if len(batch) >= 512:
-                        self.store.write(batch)
-                        batch = {}
-                head = h
-                parts.append(codec.decode(blob, self.dim))
-            if parts:
-                batch[head] = self._finish_posting(head, parts)
-            self.store.write(batch)
-            self._spill.close()
-            shutil.rmtree(self._spill_dir, ignore_errors=True)
-            self._spill = self._spill_dir = None
-        self._sealed = True
+            puts[(int(heads[part[0]]) << 24) | seq] = codec.encode(Posting(ids[part], prim[part], vecs[part]))
+        grouped.write(puts)
 
     def _finish_posting(self, head: int, parts: list[Posting]) -> bytes:
         p = parts[0]
@@ -609,6 +648,8 @@ class SpannIndex:
                            "stale_versions": len(self._versions), "tombstones": len(self._deleted)})
 
     def __del__(self) -> None:
+        for d in getattr(self, "_spills", ()):
+            shutil.rmtree(d, ignore_errors=True)
         scratch = getattr(self, "_scratch", None)
         if scratch is not None:
             try:

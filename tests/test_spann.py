@@ -37,7 +37,7 @@ def exact(ids: np.ndarray, x: np.ndarray, q: np.ndarray, k: int = 10) -> np.ndar
 
 def build(ids, x, **cfg):
     ix = create_index("spann", x.shape[1], "ip", **cfg)
-    ix.train(x[::4], total=len(x))
+    ix.train(x[::4])
     for s in range(0, len(x), 5000):
         ix.add(ids[s:s + 5000], x[s:s + 5000])
     ix.search(x[:1], 1)  # the first search seals the bulk-staged lists; later adds update in place
