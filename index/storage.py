@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import struct
 from pathlib import Path
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Callable, ContextManager, Iterable, Iterator, Protocol, Sequence
 
@@ -19,8 +20,12 @@ _KEY = struct.Struct(">Q")
 class BlobStore(Protocol):
     def get_many(self, keys: Sequence[int]) -> list[bytes | None]: ...
 
-    def viewing(self) -> "ContextManager[Callable[[Sequence[int]], list[memoryview | None]]]":
-        """Zero-copy reads: inside the context, a function giving views valid until it exits."""
+    def viewing(self, threads: int = 1) -> "ContextManager[Callable[[Sequence[int]], list[memoryview | None]]]":
+        """Reads for one search: inside the context, a function giving the blobs of keys.
+
+        With threads > 1 the keys are split over a pool, each part read in its own
+        transaction, so cold reads wait on the disk in parallel (mdb_get faults the whole
+        value in); with 1, zero-copy views valid until the context exits."""
 
     def write(self, puts: dict[int, bytes], deletes: Iterable[int] = ()) -> None: ...
 
@@ -56,9 +61,33 @@ class LmdbBlobStore:
             return [None if (v := txn.get(_KEY.pack(int(k)), db=self.db)) is None else bytes(v) for k in keys]
 
     @contextmanager
-    def viewing(self) -> Iterator[Callable[[Sequence[int]], list[memoryview | None]]]:
-        with self.env.begin(buffers=True) as txn:
-            yield lambda keys: [txn.get(_KEY.pack(int(k)), db=self.db) for k in keys]
+    def viewing(self, threads: int = 1) -> Iterator[Callable[[Sequence[int]], list[memoryview | bytes | None]]]:
+        if threads <= 1:
+            with self.env.begin(buffers=True) as txn:
+                yield lambda keys: [txn.get(_KEY.pack(int(k)), db=self.db) for k in keys]
+            return
+        pool = self._fetch_pool(threads)
+
+        def part(keys: Sequence[int]) -> list[bytes | None]:
+            with self.env.begin() as txn:
+                return [txn.get(_KEY.pack(int(k)), db=self.db) for k in keys]
+
+        def read(keys: Sequence[int]) -> list[bytes | None]:
+            keys = list(keys)
+            if len(keys) < 2 * threads:
+                return part(keys)
+            out: list[bytes | None] = [None] * len(keys)
+            for j, got in enumerate(pool.map(part, [keys[j::threads] for j in range(threads)])):
+                out[j::threads] = got
+            return out
+
+        yield read
+
+    def _fetch_pool(self, threads: int) -> ThreadPoolExecutor:
+        pool = getattr(self, "_pool", None)
+        if pool is None or pool._max_workers != threads:
+            self._pool = pool = ThreadPoolExecutor(threads, thread_name_prefix="posting-fetch")
+        return pool
 
     def write(self, puts: dict[int, bytes], deletes: Iterable[int] = ()) -> None:
         while True:
