@@ -89,21 +89,25 @@ class Manifest:
         tmp.replace(directory / MANIFEST)
 
     @classmethod
-    def load(cls, directory: Path) -> "Manifest":
-        path = Path(directory) / MANIFEST
-        if not path.exists():
-            raise NotFound(f"{directory} is not a datastore (no {MANIFEST})", resource_type="datastore",
-                           resource_name=str(directory), hint="build one with `datastore build INPUT --out DIR`")
+    def from_json(cls, text: str, origin: str = "manifest") -> "Manifest":
         try:
-            d = json.loads(path.read_text())
+            d = json.loads(text)
             if d.get("format_version") != FORMAT_VERSION:
-                raise FailedPrecondition(f"{path}: format version {d.get('format_version')} is not supported "
+                raise FailedPrecondition(f"{origin}: format version {d.get('format_version')} is not supported "
                                          f"(this build reads {FORMAT_VERSION})")
             d.pop("shards", None)
             return cls(model=ModelInfo(**d.pop("model")), chunking=ChunkingInfo(**d.pop("chunking")),
                        dedup=DedupInfo(**d.pop("dedup")), index=IndexInfo(**d.pop("index")), **d)
         except (ValueError, TypeError, KeyError) as e:
-            raise FailedPrecondition(f"{path} is damaged: {e}", hint="restore it or rebuild the datastore") from e
+            raise FailedPrecondition(f"{origin} is damaged: {e}", hint="restore it or rebuild the datastore") from e
+
+    @classmethod
+    def load(cls, directory: Path) -> "Manifest":
+        path = Path(directory) / MANIFEST
+        if not path.exists():
+            raise NotFound(f"{directory} is not a datastore (no {MANIFEST})", resource_type="datastore",
+                           resource_name=str(directory), hint="build one with `datastore build INPUT --out DIR`")
+        return cls.from_json(path.read_text(), str(path))
 
 
 def shard_dir(i: int) -> str:

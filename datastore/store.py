@@ -56,13 +56,17 @@ class DatastoreStats:
     index_kind: str
     metric: str
     shards: list[ShardInfo] = field(default_factory=list)
+    #: Shards of the whole datastore (`shards` lists the ones open here).
+    num_shards: int = 0
 
 
 class Datastore:
     """A built datastore directory, opened for queries and updates (one process at a time)."""
 
     def __init__(self, directory: Path | str, *, limits: Limits = Limits(),
-                 encoder_factory: Callable[[str], Encoder] | None = None) -> None:
+                 encoder_factory: Callable[[str], Encoder] | None = None,
+                 shard_ids: Sequence[int] | None = None) -> None:
+        """`shard_ids` opens only those shards (a shard server of a larger datastore)."""
         self.directory = Path(directory)
         self.manifest = Manifest.load(self.directory)
         if not self.manifest.complete:
@@ -73,15 +77,21 @@ class Datastore:
         self._encoder_factory = encoder_factory or (lambda name: Encoder(name))
         self._encoder: Encoder | None = None
         self._encoder_lock = threading.Lock()
-        self.shards = [Shard(self.directory / d, i, self.dim, self.manifest.vector_dtype)
-                       for i, d in enumerate(self.manifest.shard_dirs)]
+        n = self.manifest.num_shards
+        self.shard_ids = sorted(set(shard_ids)) if shard_ids is not None else list(range(n))
+        bad = [i for i in self.shard_ids if not 0 <= i < n]
+        if bad or not self.shard_ids:
+            raise InvalidArgument.field("shards", f"{bad or 'none'}: the datastore has shards 0..{n - 1}")
+        self._slot = {sid: slot for slot, sid in enumerate(self.shard_ids)}
+        self.shards = [Shard(self.directory / self.manifest.shard_dirs[i], i, self.dim, self.manifest.vector_dtype)
+                       for i in self.shard_ids]
         self.indexes: list[VectorIndex] = [open_index(s, self.manifest.index) for s in self.shards]
         # faiss indexes are not safe to mutate while searched: one lock per shard
         self._locks = [threading.Lock() for _ in self.shards]
         self._dirty = [False for _ in self.shards]
         self._pool = ThreadPoolExecutor(max_workers=max(1, min(len(self.shards), 8)),
                                         thread_name_prefix="shard-search")
-        self._next_id = max(s.next_id for s in self.shards)
+        self._next_id = max(s.next_id for s in self.shards)  # ids at or above are free here
         self._id_lock = threading.Lock()
         self._filter_cache: dict[tuple[int, int, tuple], np.ndarray] = {}
 
@@ -212,18 +222,31 @@ class Datastore:
             hits.append(row)
         return hits
 
+    def search_with_coverage(self, queries: Sequence[Query], k: int = 10, tenant: str | None = None,
+                             metadata_filter: dict[str, str] | None = None, params: SearchParams | None = None,
+                             include_text: bool = True, timeout: float | None = None
+                             ) -> tuple[list[list[Hit]], list[int]]:
+        """search() and the shards that did not answer: none in-process (the router's
+        counterpart can lose shards). `timeout` matters only across a network."""
+        return self.search(queries, k, tenant, metadata_filter, params, include_text), []
+
+    def _route(self, ids: np.ndarray) -> tuple[list[tuple[int, np.ndarray]], np.ndarray]:
+        """([(slot, positions of ids in that served shard)], positions of ids served elsewhere)."""
+        where = shard_of(ids, self.manifest.num_shards)
+        groups = [(slot, np.flatnonzero(where == sid)) for sid, slot in self._slot.items()]
+        elsewhere = np.flatnonzero(~np.isin(where, self.shard_ids))
+        return [(slot, sel) for slot, sel in groups if len(sel)], elsewhere
+
     def _fetch(self, ids: Sequence[int]) -> list[Passage | None]:
-        """Passages by id, grouped per shard, in the order asked."""
+        """Passages by id, grouped per shard, in the order asked (None: not here)."""
         ids = [int(i) for i in ids]
         out: list[Passage | None] = [None] * len(ids)
         if not ids:
             return out
-        where = shard_of(np.asarray(ids, np.int64), len(self.shards))
-        for s, shard in enumerate(self.shards):
-            sel = np.flatnonzero(where == s)
-            if len(sel):
-                for j, p in zip(sel, shard.get([ids[j] for j in sel])):
-                    out[j] = p
+        groups, _ = self._route(np.asarray(ids, np.int64))
+        for slot, sel in groups:
+            for j, p in zip(sel, self.shards[slot].get([ids[j] for j in sel])):
+                out[j] = p
         return out
 
     def get_passages(self, ids: Sequence[int], tenant: str | None = None) -> list[Passage]:
@@ -286,26 +309,39 @@ class Datastore:
                 raise InvalidArgument.field("vectors", f"{len(vectors)} vectors for {len(passages)} passages")
         else:
             vectors = self.encoder.encode([p.embedding_input() for p in passages])
-        with self._id_lock:
-            stored = []
-            for p in passages:
-                if p.id < 0:
-                    p = Passage(self._next_id, p.text, p.title, p.source, p.tenants, p.metadata)
-                self._next_id = max(self._next_id, p.id + 1)
-                stored.append(p)
-        ids = np.array([p.id for p in stored], np.int64)
-        if len(np.unique(ids)) != len(ids):
+        given = np.array([p.id for p in passages if p.id >= 0], np.int64)
+        if len(np.unique(given)) != len(given):
             raise InvalidArgument.field("passages", "the same id appears twice in one upsert")
-        where = shard_of(ids, len(self.shards))
-        for s, shard in enumerate(self.shards):
-            sel = np.flatnonzero(where == s)
-            if not len(sel):
-                continue
-            with self._locks[s]:
-                shard.put([stored[i] for i in sel], vectors[sel])
-                self.indexes[s].add(ids[sel], vectors[sel], [stored[i].tenants for i in sel])
-                self._dirty[s] = True
+        _, elsewhere = self._route(given)
+        if len(elsewhere):
+            raise InvalidArgument.field("passages", f"id {int(given[elsewhere[0]])} belongs to shard "
+                                        f"{int(shard_of(given[elsewhere[0]], self.manifest.num_shards))}, "
+                                        f"not served here (shards {self.shard_ids})")
+        with self._id_lock:
+            fresh = iter(self._allocate(sum(p.id < 0 for p in passages)))
+            stored = [p if p.id >= 0 else Passage(next(fresh), p.text, p.title, p.source, p.tenants, p.metadata)
+                      for p in passages]
+            self._next_id = max(self._next_id, max(p.id for p in stored) + 1)
+        ids = np.array([p.id for p in stored], np.int64)
+        groups, _ = self._route(ids)
+        for slot, sel in groups:
+            with self._locks[slot]:
+                self.shards[slot].put([stored[i] for i in sel], vectors[sel])
+                self.indexes[slot].add(ids[sel], vectors[sel], [stored[i].tenants for i in sel])
+                self._dirty[slot] = True
         return ids.tolist()
+
+    def _allocate(self, n: int) -> list[int]:
+        """The next n free ids that belong to shards served here (all ids when all are), so
+        shard servers of one datastore never hand out the same id."""
+        out: list[int] = []
+        start = self._next_id
+        while len(out) < n:
+            block = np.arange(start, start + max(64, 2 * (n - len(out)) * self.manifest.num_shards), dtype=np.int64)
+            mine = block[np.isin(shard_of(block, self.manifest.num_shards), self.shard_ids)]
+            out.extend(mine[:n - len(out)].tolist())
+            start = int(block[-1]) + 1
+        return out
 
     def delete(self, ids: Sequence[int]) -> int:
         """Delete passages by id; ids that do not exist are ignored. Returns how many went."""
@@ -313,17 +349,14 @@ class Datastore:
             raise InvalidArgument.field("ids", "no ids given")
         self._check_ids(ids)
         arr = np.asarray([int(i) for i in ids], np.int64)
-        where = shard_of(arr, len(self.shards))
+        groups, _ = self._route(arr)  # ids of shards served elsewhere are not here: nothing to do
         deleted = 0
-        for s, shard in enumerate(self.shards):
-            sel = arr[where == s]
-            if not len(sel):
-                continue
-            with self._locks[s]:
-                gone = shard.delete(sel.tolist())
+        for slot, sel in groups:
+            with self._locks[slot]:
+                gone = self.shards[slot].delete(arr[sel].tolist())
                 if gone:
-                    self.indexes[s].remove(np.asarray(gone, np.int64))
-                    self._dirty[s] = True
+                    self.indexes[slot].remove(np.asarray(gone, np.int64))
+                    self._dirty[slot] = True
                 deleted += len(gone)
         return deleted
 
@@ -331,12 +364,13 @@ class Datastore:
 
     def stats(self) -> DatastoreStats:
         infos = []
-        for s, shard in enumerate(self.shards):
-            st = self.indexes[s].stats()
-            infos.append(ShardInfo(s, len(shard), shard.disk_bytes(), st.memory_bytes, dir_size(index_dir(shard))))
+        for slot, shard in enumerate(self.shards):
+            st = self.indexes[slot].stats()
+            infos.append(ShardInfo(shard.shard_id, len(shard), shard.disk_bytes(), st.memory_bytes,
+                                   dir_size(index_dir(shard))))
         m = self.manifest
         return DatastoreStats(sum(i.passages for i in infos), self.dim, m.model.name, m.index.kind, m.index.metric,
-                              infos)
+                              infos, m.num_shards)
 
 
 def open_datastore(directory: Path | str, **kwargs) -> Datastore:

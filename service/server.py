@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from concurrent import futures
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import grpc
 import numpy as np
@@ -19,6 +19,9 @@ from grpc_reflection.v1alpha import reflection
 
 from datastore.errors import DatastoreError, InvalidArgument, ResourceExhausted
 from datastore.store import Datastore
+
+if TYPE_CHECKING:
+    from service.router import Router
 from service import convert
 from service.pb import datastore_pb2 as pb
 from service.pb import datastore_pb2_grpc as pb_grpc
@@ -68,16 +71,19 @@ class ErrorInterceptor(grpc.ServerInterceptor):
 
 
 class DatastoreServicer(pb_grpc.DatastoreServicer):
-    def __init__(self, store: Datastore) -> None:
-        self.store = store
+    def __init__(self, store: "Datastore | Router") -> None:
+        self.store = store  # the embedded Datastore on a shard server, the Router on a router
 
     def Search(self, request: pb.SearchRequest, context) -> pb.SearchResponse:
-        hits = self.store.search(
+        hits, missing = self.store.search_with_coverage(
             convert.queries_from_pb(request.queries), int(request.k),
             tenant=request.tenant if request.HasField("tenant") else None,
             metadata_filter=dict(request.metadata_filter) or None,
-            params=convert.params_from_pb(request.params), include_text=request.include_text)
-        return convert.hits_to_pb(hits, request.include_text)
+            params=convert.params_from_pb(request.params), include_text=request.include_text,
+            timeout=context.time_remaining())
+        response = convert.hits_to_pb(hits, request.include_text)
+        response.missing_shards.extend(missing)
+        return response
 
     def GetPassages(self, request: pb.GetPassagesRequest, context) -> pb.GetPassagesResponse:
         passages = self.store.get_passages(list(request.ids),
@@ -110,13 +116,13 @@ class DatastoreServicer(pb_grpc.DatastoreServicer):
         st = self.store.stats()
         return pb.StatsResponse(
             passages=st.passages, dim=st.dim, model=st.model, index_kind=st.index_kind, metric=st.metric,
-            manifest_json=self.store.manifest.to_json(),
+            manifest_json=self.store.manifest.to_json(), num_shards=st.num_shards,
             shards=[pb.ShardStats(shard_id=s.shard_id, passages=s.passages, vectors=s.passages,
                                   disk_bytes=s.disk_bytes, index_memory_bytes=s.index_memory_bytes,
                                   index_disk_bytes=s.index_disk_bytes) for s in st.shards])
 
 
-def create_server(store: Datastore, address: str = "127.0.0.1:0",
+def create_server(store: "Datastore | Router", address: str = "127.0.0.1:0",
                   config: ServerConfig = ServerConfig()) -> tuple[grpc.Server, int]:
     """A started server bound to `address` (port 0 picks a free one); returns (server, port)."""
     server = grpc.server(

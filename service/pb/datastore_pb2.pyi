@@ -113,10 +113,12 @@ class QueryResult(_message.Message):
     def __init__(self, hits: _Optional[_Iterable[_Union[Hit, _Mapping]]] = ...) -> None: ...
 
 class SearchResponse(_message.Message):
-    __slots__ = ("results",)
+    __slots__ = ("results", "missing_shards")
     RESULTS_FIELD_NUMBER: _ClassVar[int]
+    MISSING_SHARDS_FIELD_NUMBER: _ClassVar[int]
     results: _containers.RepeatedCompositeFieldContainer[QueryResult]
-    def __init__(self, results: _Optional[_Iterable[_Union[QueryResult, _Mapping]]] = ...) -> None: ...
+    missing_shards: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, results: _Optional[_Iterable[_Union[QueryResult, _Mapping]]] = ..., missing_shards: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class GetPassagesRequest(_message.Message):
     __slots__ = ("ids", "tenant")
@@ -181,7 +183,7 @@ class ShardStats(_message.Message):
     def __init__(self, shard_id: _Optional[int] = ..., passages: _Optional[int] = ..., vectors: _Optional[int] = ..., disk_bytes: _Optional[int] = ..., index_memory_bytes: _Optional[int] = ..., index_disk_bytes: _Optional[int] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("passages", "dim", "model", "index_kind", "metric", "shards", "manifest_json")
+    __slots__ = ("passages", "dim", "model", "index_kind", "metric", "shards", "manifest_json", "num_shards")
     PASSAGES_FIELD_NUMBER: _ClassVar[int]
     DIM_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -189,6 +191,7 @@ class StatsResponse(_message.Message):
     METRIC_FIELD_NUMBER: _ClassVar[int]
     SHARDS_FIELD_NUMBER: _ClassVar[int]
     MANIFEST_JSON_FIELD_NUMBER: _ClassVar[int]
+    NUM_SHARDS_FIELD_NUMBER: _ClassVar[int]
     passages: int
     dim: int
     model: str
@@ -196,4 +199,5 @@ class StatsResponse(_message.Message):
     metric: str
     shards: _containers.RepeatedCompositeFieldContainer[ShardStats]
     manifest_json: str
-    def __init__(self, passages: _Optional[int] = ..., dim: _Optional[int] = ..., model: _Optional[str] = ..., index_kind: _Optional[str] = ..., metric: _Optional[str] = ..., shards: _Optional[_Iterable[_Union[ShardStats, _Mapping]]] = ..., manifest_json: _Optional[str] = ...) -> None: ...
+    num_shards: int
+    def __init__(self, passages: _Optional[int] = ..., dim: _Optional[int] = ..., model: _Optional[str] = ..., index_kind: _Optional[str] = ..., metric: _Optional[str] = ..., shards: _Optional[_Iterable[_Union[ShardStats, _Mapping]]] = ..., manifest_json: _Optional[str] = ..., num_shards: _Optional[int] = ...) -> None: ...
