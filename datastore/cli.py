@@ -197,27 +197,64 @@ def _print_hits(question: str, hits, include_text: bool) -> None:
 
 
 @cli.command()
-@click.argument("directory", type=click.Path(path_type=Path))
+@click.argument("directory", type=click.Path(path_type=Path), required=False)
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=50051, show_default=True, help="0 picks a free port.")
+@click.option("--shards", "shard_list", default=None, help="Serve only these shards of DIRECTORY, e.g. 0,3.")
+@click.option("--router", is_flag=True, help="Run a router over shard servers instead of serving a directory.")
+@click.option("--shard", "shard_servers", multiple=True, metavar="ADDR[,ADDR...]",
+              help="Router: the replicas of one shard server (repeat per server).")
+@click.option("--partial-results", is_flag=True,
+              help="Router: when a server is down, answer from the others and name the missing shards.")
+@click.option("--per-shard-timeout", default=10.0, show_default=True, help="Router: seconds per replica try.")
+@click.option("--metrics-port", type=int, default=None, help="Serve Prometheus metrics on this HTTP port.")
 @click.option("--workers", default=16, show_default=True, help="gRPC worker threads.")
-def serve(directory, host, port, workers) -> None:
-    """Serve DIRECTORY over gRPC (datastore.v1.Datastore, health, reflection) until SIGTERM."""
+def serve(directory, host, port, shard_list, router, shard_servers, partial_results, per_shard_timeout,
+          metrics_port, workers) -> None:
+    """Serve DIRECTORY (or some of its --shards) over gRPC, or with --router route the same API
+    over shard servers. Health checking and reflection included; stops on SIGTERM."""
     import signal
     import threading
 
-    from datastore.store import open_datastore
     from service.server import ServerConfig, create_server, stop_server
 
-    config = ServerConfig(max_workers=workers)
-    with open_datastore(directory) as ds:
-        server, bound = create_server(ds, f"{host}:{port}", config)
-        click.echo(f"serving {directory} on {host}:{bound}", err=True)
+    config = ServerConfig(max_workers=workers, metrics=metrics_port is not None)
+    if router:
+        if directory is not None or shard_list:
+            raise InvalidArgument("--router takes --shard addresses, not a directory or --shards")
+        if not shard_servers:
+            raise InvalidArgument("--router needs at least one --shard ADDR[,ADDR...]")
+        from service.router import Router, RouterConfig
+
+        store = Router(RouterConfig([s.split(",") for s in shard_servers], partial_results=partial_results,
+                                    per_shard_timeout=per_shard_timeout))
+        what = f"router over {len(shard_servers)} shard server(s)"
+    else:
+        if directory is None:
+            raise InvalidArgument("give a datastore DIRECTORY (or --router with --shard addresses)")
+        from datastore.store import open_datastore
+
+        ids = None
+        if shard_list:
+            try:
+                ids = [int(x) for x in shard_list.split(",") if x.strip()]
+            except ValueError:
+                raise InvalidArgument.field("shards", f"{shard_list!r} is not a list like 0,3") from None
+        store = open_datastore(directory, shard_ids=ids)
+        what = f"{directory} (shards {store.shard_ids})"
+    try:
+        server, bound = create_server(store, f"{host}:{port}", config)
+        if metrics_port is not None:
+            from service.metrics import serve_metrics
+            click.echo(f"metrics on :{serve_metrics(metrics_port, store.stats)}/metrics", err=True)
+        click.echo(f"serving {what} on {host}:{bound}", err=True)
         stop = threading.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
         stop.wait()
         stop_server(server, config)
+    finally:
+        store.close()
 
 
 @cli.command()

@@ -60,6 +60,47 @@ class DatastoreStats:
     num_shards: int = 0
 
 
+def check_query_vectors(vectors: np.ndarray, dim: int, name: str = "vector") -> np.ndarray:
+    """float32 (n, dim) C-contiguous, or InvalidArgument naming the field."""
+    vectors = np.asarray(vectors)
+    if vectors.ndim == 1:
+        vectors = vectors[None, :]
+    if vectors.ndim != 2 or vectors.shape[1] != dim:
+        raise InvalidArgument.field(name, f"dimension must be {dim}, got {vectors.shape[-1]}")
+    if not np.issubdtype(vectors.dtype, np.number):
+        raise InvalidArgument.field(name, f"must be numeric, got {vectors.dtype}")
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    if not np.isfinite(vectors).all():
+        raise InvalidArgument.field(name, "holds NaN or inf")
+    return vectors
+
+
+def embed_queries(queries: Sequence[Query], dim: int, limits: Limits,
+                  encoder: Callable[[], Encoder]) -> np.ndarray:
+    """Texts embedded in one batch, vectors checked; rows in request order."""
+    if len(queries) == 0:
+        raise InvalidArgument.field("queries", "the batch is empty")
+    if len(queries) > limits.max_batch:
+        raise ResourceExhausted(f"queries: {len(queries)} in one batch, at most {limits.max_batch}",
+                                subject="batch size")
+    out = np.empty((len(queries), dim), np.float32)
+    texts, text_rows = [], []
+    for i, q in enumerate(queries):
+        if isinstance(q, str):
+            if not q.strip():
+                raise InvalidArgument.field(f"queries[{i}]", "empty query text")
+            if len(q) > limits.max_text_chars:
+                raise ResourceExhausted(f"queries[{i}]: text of {len(q)} chars, at most {limits.max_text_chars}",
+                                        subject="text size")
+            texts.append(q)
+            text_rows.append(i)
+        else:
+            out[i] = check_query_vectors(np.asarray(q), dim, f"queries[{i}]")[0]
+    if texts:
+        out[text_rows] = encoder().encode(texts)
+    return out
+
+
 class Datastore:
     """A built datastore directory, opened for queries and updates (one process at a time)."""
 
@@ -148,41 +189,10 @@ class Datastore:
                 raise InvalidArgument.field(f"params.{name}", f"must be >= {low}, got {value}")
 
     def check_vectors(self, vectors: np.ndarray, name: str = "vector") -> np.ndarray:
-        vectors = np.asarray(vectors)
-        if vectors.ndim == 1:
-            vectors = vectors[None, :]
-        if vectors.ndim != 2 or vectors.shape[1] != self.dim:
-            raise InvalidArgument.field(name, f"dimension must be {self.dim}, got {vectors.shape[-1]}")
-        if not np.issubdtype(vectors.dtype, np.number):
-            raise InvalidArgument.field(name, f"must be numeric, got {vectors.dtype}")
-        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-        if not np.isfinite(vectors).all():
-            raise InvalidArgument.field(name, "holds NaN or inf")
-        return vectors
+        return check_query_vectors(vectors, self.dim, name)
 
     def embed_queries(self, queries: Sequence[Query]) -> np.ndarray:
-        """Texts embedded in one batch, vectors checked; rows in request order."""
-        if len(queries) == 0:
-            raise InvalidArgument.field("queries", "the batch is empty")
-        if len(queries) > self.limits.max_batch:
-            raise ResourceExhausted(f"queries: {len(queries)} in one batch, at most {self.limits.max_batch}",
-                                    subject="batch size")
-        out = np.empty((len(queries), self.dim), np.float32)
-        texts, text_rows = [], []
-        for i, q in enumerate(queries):
-            if isinstance(q, str):
-                if not q.strip():
-                    raise InvalidArgument.field(f"queries[{i}]", "empty query text")
-                if len(q) > self.limits.max_text_chars:
-                    raise ResourceExhausted(f"queries[{i}]: text of {len(q)} chars, at most "
-                                            f"{self.limits.max_text_chars}", subject="text size")
-                texts.append(q)
-                text_rows.append(i)
-            else:
-                out[i] = self.check_vectors(np.asarray(q), f"queries[{i}]")[0]
-        if texts:
-            out[text_rows] = self.encoder.encode(texts)
-        return out
+        return embed_queries(queries, self.dim, self.limits, lambda: self.encoder)
 
     # -- queries --------------------------------------------------------------------------------
 

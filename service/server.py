@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 from service import convert
 from service.pb import datastore_pb2 as pb
 from service.pb import datastore_pb2_grpc as pb_grpc
+from service.metrics import MetricsInterceptor
 from service.status import to_status
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,8 @@ class ServerConfig:
     max_workers: int = 16
     max_message_bytes: int = 64 * 1024 * 1024
     grace_seconds: float = 5.0
+    #: Count and time RPCs for the Prometheus exporter (service/metrics.py).
+    metrics: bool = False
 
 
 class ErrorInterceptor(grpc.ServerInterceptor):
@@ -127,7 +130,7 @@ def create_server(store: "Datastore | Router", address: str = "127.0.0.1:0",
     """A started server bound to `address` (port 0 picks a free one); returns (server, port)."""
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="grpc"),
-        interceptors=[ErrorInterceptor()],
+        interceptors=([MetricsInterceptor()] if config.metrics else []) + [ErrorInterceptor()],
         options=[("grpc.max_receive_message_length", config.max_message_bytes),
                  ("grpc.max_send_message_length", config.max_message_bytes)],
     )
@@ -142,7 +145,17 @@ def create_server(store: "Datastore | Router", address: str = "127.0.0.1:0",
         raise OSError(f"cannot bind {address}")
     server.start()
     server.health_servicer = health_servicer  # type: ignore[attr-defined]  # for graceful shutdown
+    watch = getattr(store, "on_health_change", None)
+    if watch is not None:  # a router is healthy while every shard server has a live replica
+        watch(lambda ok: set_serving(server, ok))
     return server, port
+
+
+def set_serving(server: grpc.Server, serving: bool) -> None:
+    """Report SERVING or NOT_SERVING on the health service (what probes and balancers read)."""
+    status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+    for name in ("", SERVICE_NAME):
+        server.health_servicer.set(name, status)  # type: ignore[attr-defined]
 
 
 def stop_server(server: grpc.Server, config: ServerConfig = ServerConfig()) -> None:
