@@ -29,7 +29,7 @@ from datastore.chunking import ChunkConfig, chunk_words
 from datastore.dedup import DedupConfig, Deduplicator
 from datastore.encoder import DEFAULT_MODEL, Encoder
 from datastore.errors import AlreadyExists, InvalidArgument, NotFound
-from datastore.indexing import build_index
+from datastore.indexing import build_shard
 from datastore.manifest import MANIFEST, ChunkingInfo, DedupInfo, IndexInfo, Manifest, ModelInfo, shard_dir
 from datastore.progress import BuildProgress
 from datastore.readers import ReadStats, check_inputs, count_documents, iter_documents
@@ -60,6 +60,12 @@ class BuildConfig:
     seed: int = 0
     device: str | None = None
     progress: bool = True
+    #: Ray cluster address ("local" starts one in-process): embed on an actor pool there.
+    ray: str | None = None
+    embed_actors: int = 1
+    gpus_per_actor: float = 0.0
+    #: Batches sent to Ray Data at once (one actor pool per window).
+    ray_window: int = 256
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
@@ -77,6 +83,10 @@ class BuildConfig:
             raise InvalidArgument.field("metric", f"must be 'ip' or 'l2', got {self.metric!r}")
         if self.batch_passages < 1:
             raise InvalidArgument.field("batch_passages", "must be >= 1")
+        if self.embed_actors < 1:
+            raise InvalidArgument.field("embed_actors", "must be >= 1")
+        if self.gpus_per_actor < 0:
+            raise InvalidArgument.field("gpus_per_actor", "must be >= 0")
         if self.limit_docs is not None and self.limit_docs < 1:
             raise InvalidArgument.field("limit_docs", "must be >= 1")
 
@@ -243,6 +253,41 @@ def _prefetch(it: Iterator, depth: int = 4) -> Iterator:
         stop.set()
 
 
+def _windows(batches: Iterator[_Batch], size: int) -> Iterator[list[_Batch]]:
+    window: list[_Batch] = []
+    for b in batches:
+        window.append(b)
+        if len(window) == size:
+            yield window
+            window = []
+    if window:
+        yield window
+
+
+def _embedder(cfg: BuildConfig, encoder: Encoder | None, vectors_in: np.ndarray | None
+              ) -> tuple[Callable[[list[_Batch]], list[np.ndarray]], int]:
+    """(function giving the vectors of each batch's uncommitted passages, batches per call)."""
+    def todo(b: _Batch) -> np.ndarray:
+        return np.flatnonzero(b.todo)
+
+    if vectors_in is not None:
+        def precomputed(batches: list[_Batch]) -> list[np.ndarray]:
+            out = []
+            for b in batches:
+                vecs = np.asarray(vectors_in[[b.rows[i] for i in todo(b)]], dtype=np.float32)
+                _check_finite(vecs, cfg.embeddings)
+                out.append(vecs)
+            return out
+        return precomputed, 1
+    if encoder is not None:
+        return (lambda batches: [encoder.encode([b.passages[i].embedding_input() for i in todo(b)])
+                                 for b in batches]), 1
+    from datastore.ray_build import RayEmbedder
+    ray_embed = RayEmbedder(cfg.model, cfg.embed_actors, cfg.gpus_per_actor, cfg.device)
+    return (lambda batches: ray_embed([[b.passages[i].embedding_input() for i in todo(b)] for b in batches]),
+            cfg.ray_window)
+
+
 def _write(shards: list[Shard], passages: list[Passage], vectors: np.ndarray) -> None:
     ids = np.array([p.id for p in passages], np.int64)
     where = shard_of(ids, len(shards))
@@ -269,9 +314,13 @@ def build(cfg: BuildConfig, encoder_factory: Callable[[], Encoder] | None = None
     if cfg.embeddings is not None:
         vectors_in = _load_embeddings(Path(cfg.embeddings))
         manifest.model.dim, manifest.model.revision = int(vectors_in.shape[1]), "precomputed"
-    else:
+    elif cfg.ray is None:
         encoder = (encoder_factory or (lambda: Encoder(cfg.model, device=cfg.device)))()
         manifest.model.dim, manifest.model.revision = encoder.dim, encoder.revision
+    else:
+        from datastore.ray_build import init_ray, model_info
+        init_ray(cfg.ray)
+        manifest.model.dim, manifest.model.revision = model_info(cfg.model)
     summary.load_seconds = time.perf_counter() - t0
     dim = manifest.model.dim
     if vectors_in is not None and (records := count_documents(cfg.inputs)) != len(vectors_in):
@@ -288,32 +337,28 @@ def build(cfg: BuildConfig, encoder_factory: Callable[[], Encoder] | None = None
     dedup = Deduplicator(cfg.dedup)
     writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="build-write")
     pending: list[Future] = []
+    embed, window = _embedder(cfg, encoder, vectors_in)
+    t_embed = 0.0
     try:
         with BuildProgress(total_docs, enabled=cfg.progress) as progress:
             source = _passages(cfg, stats, dedup, None if vectors_in is None else len(vectors_in))
-            for batch in _prefetch(_batches(cfg, source, shards)):
-                summary.passages += len(batch.passages)
-                todo = np.flatnonzero(batch.todo)
-                summary.resumed_passages += len(batch.passages) - len(todo)
-                if len(todo):
-                    ps = [batch.passages[i] for i in todo]
-                    if vectors_in is not None:
-                        vecs = np.asarray(vectors_in[[batch.rows[i] for i in todo]], dtype=np.float32)
-                        _check_finite(vecs, cfg.embeddings)
-                    else:
-                        vecs = encoder.encode([p.embedding_input() for p in ps])
-                    summary.embedded += len(ps)
-                    while len(pending) >= 2:  # bound memory: at most two batches in flight
-                        pending.pop(0).result()
-                    pending.append(writer.submit(_write, shards, ps, vecs))
-                progress.update(batch.docs_done, summary.passages, len(todo))
+            for batches in _windows(_prefetch(_batches(cfg, source, shards)), window):
+                t = time.perf_counter()
+                vectors = embed(batches)
+                t_embed += time.perf_counter() - t
+                for batch, vecs in zip(batches, vectors):
+                    todo = np.flatnonzero(batch.todo)
+                    summary.passages += len(batch.passages)
+                    summary.resumed_passages += len(batch.passages) - len(todo)
+                    if len(todo):
+                        summary.embedded += len(todo)
+                        while len(pending) >= 2:  # bound memory: at most two batches in flight
+                            pending.pop(0).result()
+                        pending.append(writer.submit(_write, shards, [batch.passages[i] for i in todo], vecs))
+                    progress.update(batch.docs_done, summary.passages, len(todo))
             for f in pending:
                 f.result()
             progress.update(stats.documents, summary.passages, 0)
-        t_index = time.perf_counter()
-        for shard in shards:
-            build_index(shard, manifest.index, cfg.seed)
-        summary.index_seconds = time.perf_counter() - t_index
     except BaseException:
         writer.shutdown(wait=True)
         if existing is None and sum(len(s) for s in shards) == 0:
@@ -323,13 +368,21 @@ def build(cfg: BuildConfig, encoder_factory: Callable[[], Encoder] | None = None
         writer.shutdown(wait=True)
         for shard in shards:
             shard.close()
+    t_index = time.perf_counter()
+    if cfg.ray is None:
+        for i in range(cfg.shards):
+            build_shard(cfg.out, i, cfg.seed)
+    else:
+        from datastore.ray_build import build_shards_on_ray
+        build_shards_on_ray(cfg.out, cfg.shards, cfg.seed)
+    summary.index_seconds = time.perf_counter() - t_index
 
     summary.documents = stats.documents
     summary.bad_lines = stats.bad_lines
     summary.exact_duplicates = dedup.exact_dropped
     summary.near_duplicates = dedup.near_dropped
     summary.seconds = time.perf_counter() - t0 - summary.load_seconds
-    summary.encoder_seconds = encoder.timing.seconds if encoder else 0.0
+    summary.encoder_seconds = encoder.timing.seconds if encoder else (t_embed if cfg.ray is not None else 0.0)
     manifest.counts = {"documents": stats.documents, "passages": summary.passages,
                        "exact_duplicates": dedup.exact_dropped, "near_duplicates": dedup.near_dropped,
                        "bad_lines": stats.bad_lines}

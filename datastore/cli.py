@@ -65,11 +65,15 @@ def cli() -> None:
 @click.option("--limit-docs", type=int, help="Read at most this many documents.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--device", default=None, help="Torch device for the encoder (cpu, cuda).")
+@click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
+              help="Embed on a Ray cluster (no address: a local one) with an actor pool.")
+@click.option("--embed-actors", default=1, show_default=True, help="Ray: sentence-transformers actors.")
+@click.option("--gpus-per-actor", default=0.0, show_default=True, help="Ray: GPUs per embedding actor.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def build(inputs, out, model, embeddings, chunk_words, chunk_overlap, dedup_exact, near_dedup, near_threshold,
           shards, vector_dtype, index_kind, index_params, metric, batch_size, skip_bad_lines, limit_docs, seed, device,
-          as_json, quiet) -> None:
+          ray_address, embed_actors, gpus_per_actor, as_json, quiet) -> None:
     """Build a datastore from INPUTS: JSONL, Parquet, text directories, or `wiki` (the default corpus).
 
     Rerun the same command after an interruption to resume from the last committed batch."""
@@ -86,7 +90,8 @@ def build(inputs, out, model, embeddings, chunk_words, chunk_overlap, dedup_exac
                       vector_dtype=vector_dtype, index_kind=index_kind, index_params=_parse_params(index_params),
                       metric=metric, embeddings=embeddings,
                       batch_passages=batch_size, skip_bad_lines=skip_bad_lines, limit_docs=limit_docs, seed=seed,
-                      device=device, progress=not quiet and not as_json)
+                      device=device, progress=not quiet and not as_json, ray=ray_address,
+                      embed_actors=embed_actors, gpus_per_actor=gpus_per_actor)
     summary = run_build(cfg)
     if as_json:
         _echo_json(summary.to_dict())

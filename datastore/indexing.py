@@ -68,3 +68,18 @@ def open_index(shard: Shard, info: IndexInfo, seed: int = 0) -> VectorIndex:
     except (OSError, ValueError):
         pass
     return build_index(shard, info, seed)
+
+
+def build_shard(directory: Path, shard_id: int, seed: int = 0) -> None:
+    """Train and write the index of one shard of the datastore at `directory`.
+
+    Pure in its arguments (everything else comes from the manifest and the shard's LMDB), so
+    a local loop, a Ray task or a Slurm array task can run it, one shard each."""
+    from datastore.manifest import Manifest
+
+    m = Manifest.load(directory)
+    shard = Shard(Path(directory) / m.shard_dirs[shard_id], shard_id, m.model.dim, m.vector_dtype)
+    try:
+        build_index(shard, m.index, seed)
+    finally:
+        shard.close()
