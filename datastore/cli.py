@@ -309,6 +309,46 @@ def demo(out, docs, k) -> None:
         _print_hits(q, hits, True)
 
 
+@cli.command("plan")
+@click.option("--tokens", type=float, required=True, help="Tokens in the corpus, e.g. 1.4e12.")
+@click.option("--chunk-words", default=256, show_default=True)
+@click.option("--dim", default=384, show_default=True, help="Embedding dimension of the model.")
+@click.option("--index", "index_kind", type=click.Choice(["spann", "flat", "binary"]), default="spann",
+              show_default=True)
+@click.option("--passages-per-shard", default=50_000_000, show_default=True)
+@click.option("--from", "measured", type=click.Path(path_type=Path), help="Measure storage costs on this datastore.")
+@click.option("--gpu-passages-per-s", type=float, help="Override the (assumed) GPU encoder throughput.")
+@click.option("--json", "as_json", is_flag=True)
+def plan_cmd(tokens, chunk_words, dim, index_kind, passages_per_shard, measured, gpu_passages_per_s,
+             as_json) -> None:
+    """Capacity plan: passages, shards, RAM and disk, embedding GPU-hours, query latency."""
+    import dataclasses
+
+    from datastore.plan import Costs, measure, plan, to_dict
+
+    costs = measure(measured) if measured else Costs()
+    if gpu_passages_per_s:
+        costs = dataclasses.replace(costs, gpu_passages_per_s=gpu_passages_per_s)
+    try:
+        p = to_dict(plan(tokens, chunk_words=chunk_words, dim=dim, index=index_kind,
+                         passages_per_shard=passages_per_shard, costs=costs))
+    except ValueError as e:
+        raise InvalidArgument(str(e)) from None
+    if as_json:
+        _echo_json(p)
+        return
+    gb = 1e9
+    click.echo(f"{tokens:.3g} tokens -> {p['passages']:,} passages of {chunk_words} words, {p['shards']} shards "
+               f"of {p['passages_per_shard']:,}\n"
+               f"  per shard: LMDB {p['lmdb_bytes_per_shard'] / gb:,.1f} GB, {index_kind} index RAM "
+               f"{p['index_ram_bytes_per_shard'] / gb:,.2f} GB, index disk {p['index_disk_bytes_per_shard'] / gb:,.1f} GB\n"
+               f"  total: LMDB {p['lmdb_bytes_total'] / 1e12:,.1f} TB, index RAM {p['index_ram_bytes_total'] / gb:,.0f} GB, "
+               f"index disk {p['index_disk_bytes_total'] / 1e12:,.1f} TB\n"
+               f"  embedding: {p['gpu_hours']:,.0f} GPU-hours (assumed {costs.gpu_passages_per_s:,.0f} passages/s "
+               f"per GPU) or {p['cpu_core_hours']:,.0f} CPU core-hours\n"
+               f"  query fan-out: p50 ~{p['query_p50_ms']} ms, p99 ~{p['query_p99_ms']} ms")
+
+
 def _mount_bench() -> None:
     """`datastore bench ...` comes from bench/ (left out of a slim install)."""
     try:
