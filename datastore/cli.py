@@ -214,8 +214,10 @@ def _print_hits(question: str, hits, include_text: bool) -> None:
 @click.option("--per-shard-timeout", default=10.0, show_default=True, help="Router: seconds per replica try.")
 @click.option("--metrics-port", type=int, default=None, help="Serve Prometheus metrics on this HTTP port.")
 @click.option("--workers", default=16, show_default=True, help="gRPC worker threads.")
+@click.option("--omp-threads", default=1, show_default=True,
+              help="faiss threads per search: requests already run in parallel, so 1 avoids oversubscription.")
 def serve(directory, host, port, shard_list, router, shard_servers, partial_results, per_shard_timeout,
-          metrics_port, workers) -> None:
+          metrics_port, workers, omp_threads) -> None:
     """Serve DIRECTORY (or some of its --shards) over gRPC, or with --router route the same API
     over shard servers. Health checking and reflection included; stops on SIGTERM."""
     import signal
@@ -223,6 +225,9 @@ def serve(directory, host, port, shard_list, router, shard_servers, partial_resu
 
     from service.server import ServerConfig, create_server, stop_server
 
+    import faiss
+
+    faiss.omp_set_num_threads(omp_threads)
     config = ServerConfig(max_workers=workers, metrics=metrics_port is not None)
     if router:
         if directory is not None or shard_list:

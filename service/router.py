@@ -17,6 +17,7 @@ import itertools
 import logging
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -108,6 +109,9 @@ class Router:
                 ch = grpc.insecure_channel(address, options=opts)
                 replicas.append(_Replica(address, ch, pb_grpc.DatastoreStub(ch), health_pb2_grpc.HealthStub(ch)))
             self.servers.append(_Server(replicas))
+        # calls to shard servers block on the network, not the CPU: enough threads for a
+        # few dozen requests in flight, each fanned out to every server
+        self._pool = ThreadPoolExecutor(max_workers=min(256, 32 * len(self.servers)), thread_name_prefix="fan-out")
         self._discover()
         self._encoder_factory = encoder_factory or (lambda name: Encoder(name))
         self._encoder: Encoder | None = None
@@ -168,6 +172,7 @@ class Router:
     def close(self) -> None:
         self._stop.set()
         self._health_thread.join(timeout=5)
+        self._pool.shutdown(wait=False)
         for server in self.servers:
             for r in server.replicas:
                 r.channel.close()
@@ -199,20 +204,14 @@ class Router:
 
     def _fan_out(self, method: str, requests: dict[int, object], timeout: float | None) -> dict[int, object]:
         """Call servers (by position) in parallel threads; DatastoreError per failed server."""
-        results: dict[int, object] = {}
-
-        def run(n: int) -> None:
+        def run(n: int) -> object:
             try:
-                results[n] = self._call(self.servers[n], method, requests[n], timeout)
+                return self._call(self.servers[n], method, requests[n], timeout)
             except DatastoreError as e:
-                results[n] = e
+                return e
 
-        threads = [threading.Thread(target=run, args=(n,)) for n in requests]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        return results
+        futures = {n: self._pool.submit(run, n) for n in requests}
+        return {n: f.result() for n, f in futures.items()}
 
     # -- the Datastore API ------------------------------------------------------------------------
 
@@ -331,11 +330,8 @@ class Router:
             except DatastoreError as e:
                 errors.append(e)
 
-        threads = [threading.Thread(target=run, args=(n, pos)) for n, pos in groups.items()]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        for f in [self._pool.submit(run, n, pos) for n, pos in groups.items()]:
+            f.result()
         if errors:
             raise errors[0]
         out = [0] * len(passages)
