@@ -26,6 +26,7 @@ import numpy as np
 
 from datastore import __version__
 from datastore.chunking import ChunkConfig, chunk_words
+from datastore.control import ControlStore
 from datastore.dedup import DedupConfig, Deduplicator
 from datastore.encoder import DEFAULT_MODEL, Encoder
 from datastore.errors import AlreadyExists, InvalidArgument, NotFound
@@ -339,6 +340,7 @@ def build(cfg: BuildConfig, encoder_factory: Callable[[], Encoder] | None = None
     pending: list[Future] = []
     embed, window = _embedder(cfg, encoder, vectors_in)
     t_embed = 0.0
+    tenants: set[str] = set()
     try:
         with BuildProgress(total_docs, enabled=cfg.progress) as progress:
             source = _passages(cfg, stats, dedup, None if vectors_in is None else len(vectors_in))
@@ -347,6 +349,7 @@ def build(cfg: BuildConfig, encoder_factory: Callable[[], Encoder] | None = None
                 vectors = embed(batches)
                 t_embed += time.perf_counter() - t
                 for batch, vecs in zip(batches, vectors):
+                    tenants.update(t for p in batch.passages for t in p.tenants)
                     todo = np.flatnonzero(batch.todo)
                     summary.passages += len(batch.passages)
                     summary.resumed_passages += len(batch.passages) - len(todo)
@@ -368,6 +371,11 @@ def build(cfg: BuildConfig, encoder_factory: Callable[[], Encoder] | None = None
         writer.shutdown(wait=True)
         for shard in shards:
             shard.close()
+    control = ControlStore(cfg.out)  # the tenants the inputs name become registered tenants
+    try:
+        control.add_tenants(tenants)
+    finally:
+        control.close()
     t_index = time.perf_counter()
     if cfg.ray is None:
         for i in range(cfg.shards):

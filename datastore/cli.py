@@ -15,7 +15,7 @@ from typing import Sequence
 
 import click
 
-from datastore.errors import DatastoreError, InvalidArgument
+from datastore.errors import DatastoreError, FailedPrecondition, InvalidArgument
 
 # Answerable from the first 2,000 articles (arts and biology come first in the corpus file).
 DEMO_QUESTIONS = [
@@ -149,8 +149,9 @@ def _parse_filter(items: Sequence[str]) -> dict[str, str] | None:
 @click.option("--text/--no-text", "include_text", default=True, show_default=True, help="Print passage text.")
 @click.option("--nprobe", type=int, help="Index knob: lists probed at most (spann).")
 @click.option("--prune-epsilon", type=float, help="Index knob: eps2 of query-aware pruning (spann).")
+@click.option("--api-key", envvar="DATASTORE_API_KEY", help="Key for a server (or $DATASTORE_API_KEY).")
 def search(target, questions, queries_file, k, tenant, filters, as_json, include_text, nprobe,
-           prune_epsilon) -> None:
+           prune_epsilon, api_key) -> None:
     """Answer QUESTIONS from TARGET: a datastore directory (embedded) or a server host:port."""
     qs = list(questions)
     if queries_file is not None:
@@ -163,7 +164,7 @@ def search(target, questions, queries_file, k, tenant, filters, as_json, include
     from index import SearchParams
 
     params = SearchParams(nprobe=nprobe, prune_epsilon=prune_epsilon)
-    rows = search_target(target, qs, k, tenant, _parse_filter(filters), include_text, params)
+    rows = search_target(target, qs, k, tenant, _parse_filter(filters), include_text, params, api_key)
     for q, hits in zip(qs, rows):
         if as_json:
             _echo_json({"query": q, "results": [
@@ -174,12 +175,13 @@ def search(target, questions, queries_file, k, tenant, filters, as_json, include
 
 
 def search_target(target: str, questions: list[str], k: int, tenant: str | None = None,
-                  metadata_filter: dict[str, str] | None = None, include_text: bool = True, params=None):
+                  metadata_filter: dict[str, str] | None = None, include_text: bool = True, params=None,
+                  api_key: str | None = None):
     """Hits from a local directory or, for host:port, from a server: the same result shape."""
     if not Path(target).exists() and _ADDRESS.match(target):
         from service.client import DatastoreClient
 
-        with DatastoreClient(target) as client:
+        with DatastoreClient(target, api_key=api_key) as client:
             return client.search(questions, k=k, tenant=tenant, metadata_filter=metadata_filter,
                                  include_text=include_text, params=params)
     from datastore.store import open_datastore
@@ -216,8 +218,12 @@ def _print_hits(question: str, hits, include_text: bool) -> None:
 @click.option("--workers", default=16, show_default=True, help="gRPC worker threads.")
 @click.option("--omp-threads", default=1, show_default=True,
               help="faiss threads per search: requests already run in parallel, so 1 avoids oversubscription.")
+@click.option("--tls-cert", type=click.Path(exists=True), help="PEM certificate: serve TLS.")
+@click.option("--tls-key", type=click.Path(exists=True), help="PEM private key of --tls-cert.")
+@click.option("--api-key", envvar="DATASTORE_API_KEY", help="Router: key for its own calls to the servers.")
+@click.option("--insecure", is_flag=True, help="Allow a non-loopback address without API keys.")
 def serve(directory, host, port, shard_list, router, shard_servers, partial_results, per_shard_timeout,
-          metrics_port, workers, omp_threads) -> None:
+          metrics_port, workers, omp_threads, tls_cert, tls_key, api_key, insecure) -> None:
     """Serve DIRECTORY (or some of its --shards) over gRPC, or with --router route the same API
     over shard servers. Health checking and reflection included; stops on SIGTERM."""
     import signal
@@ -228,7 +234,9 @@ def serve(directory, host, port, shard_list, router, shard_servers, partial_resu
     import faiss
 
     faiss.omp_set_num_threads(omp_threads)
-    config = ServerConfig(max_workers=workers, metrics=metrics_port is not None)
+    if bool(tls_cert) != bool(tls_key):
+        raise InvalidArgument("give both --tls-cert and --tls-key")
+    config = ServerConfig(max_workers=workers, metrics=metrics_port is not None, tls_cert=tls_cert, tls_key=tls_key)
     if router:
         if directory is not None or shard_list:
             raise InvalidArgument("--router takes --shard addresses, not a directory or --shards")
@@ -237,8 +245,9 @@ def serve(directory, host, port, shard_list, router, shard_servers, partial_resu
         from service.router import Router, RouterConfig
 
         store = Router(RouterConfig([s.split(",") for s in shard_servers], partial_results=partial_results,
-                                    per_shard_timeout=per_shard_timeout))
+                                    per_shard_timeout=per_shard_timeout, api_key=api_key))
         what = f"router over {len(shard_servers)} shard server(s)"
+        protected = api_key is not None
     else:
         if directory is None:
             raise InvalidArgument("give a datastore DIRECTORY (or --router with --shard addresses)")
@@ -252,6 +261,11 @@ def serve(directory, host, port, shard_list, router, shard_servers, partial_resu
                 raise InvalidArgument.field("shards", f"{shard_list!r} is not a list like 0,3") from None
         store = open_datastore(directory, shard_ids=ids)
         what = f"{directory} (shards {store.shard_ids})"
+        protected = store.control.has_keys()
+    if not protected and not insecure and not _is_loopback(host):
+        store.close()
+        raise FailedPrecondition(f"refusing to serve on {host} without API keys",
+                                 hint="create keys (datastore keys create DIR --admin), or pass --insecure")
     try:
         server, bound = create_server(store, f"{host}:{port}", config)
         if metrics_port is not None:
@@ -352,6 +366,99 @@ def plan_cmd(tokens, chunk_words, dim, index_kind, passages_per_shard, measured,
                f"  embedding: {p['gpu_hours']:,.0f} GPU-hours (assumed {costs.gpu_passages_per_s:,.0f} passages/s "
                f"per GPU) or {p['cpu_core_hours']:,.0f} CPU core-hours\n"
                f"  query fan-out: p50 ~{p['query_p50_ms']} ms, p99 ~{p['query_p99_ms']} ms")
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+    import socket
+
+    try:
+        return all(ipaddress.ip_address(info[4][0]).is_loopback for info in socket.getaddrinfo(host, None))
+    except (OSError, ValueError):
+        return False
+
+
+@cli.group()
+def keys() -> None:
+    """API keys of a datastore (stored hashed; a key is shown once, when created)."""
+
+
+@keys.command("create")
+@click.argument("directory", type=click.Path(path_type=Path))
+@click.option("--tenant", default=None, help="A key that reads only this tenant's passages.")
+@click.option("--admin", is_flag=True, help="A key that may do everything.")
+def keys_create(directory, tenant, admin) -> None:
+    """Create a key and print it (keep it: it cannot be shown again)."""
+    from datastore.control import ControlStore
+    from datastore.manifest import Manifest
+
+    if admin == (tenant is not None):
+        raise InvalidArgument("give exactly one of --tenant T or --admin")
+    Manifest.load(directory)
+    control = ControlStore(directory)
+    try:
+        key, info = control.create_key(None if admin else tenant)
+    finally:
+        control.close()
+    click.echo(key)
+    click.echo(f"key id {info.key_id} ({'admin' if admin else 'tenant ' + tenant})", err=True)
+
+
+@keys.command("list")
+@click.argument("directory", type=click.Path(path_type=Path))
+def keys_list(directory) -> None:
+    """Key ids, their tenant (or admin) and creation time; never the keys."""
+    from datastore.control import ControlStore
+    from datastore.manifest import Manifest
+
+    Manifest.load(directory)
+    control = ControlStore(directory)
+    try:
+        for k in control.keys():
+            click.echo(f"{k.key_id}  {'admin' if k.tenant is None else 'tenant ' + k.tenant}  {k.created_at}")
+    finally:
+        control.close()
+
+
+@keys.command("revoke")
+@click.argument("directory", type=click.Path(path_type=Path))
+@click.argument("key_id")
+def keys_revoke(directory, key_id) -> None:
+    """Revoke a key by its id (servers refuse it from the next call on)."""
+    from datastore.control import ControlStore
+    from datastore.manifest import Manifest
+
+    Manifest.load(directory)
+    control = ControlStore(directory)
+    try:
+        control.revoke_key(key_id)
+    finally:
+        control.close()
+
+
+@cli.group()
+def tenants() -> None:
+    """Tenants of a datastore (embedded; over gRPC use the client's tenant calls)."""
+
+
+@tenants.command("create")
+@click.argument("directory", type=click.Path(path_type=Path))
+@click.argument("name")
+def tenants_create(directory, name) -> None:
+    from datastore.store import open_datastore
+
+    with open_datastore(directory) as ds:
+        ds.create_tenant(name)
+
+
+@tenants.command("list")
+@click.argument("directory", type=click.Path(path_type=Path))
+def tenants_list(directory) -> None:
+    from datastore.store import open_datastore
+
+    with open_datastore(directory) as ds:
+        for name in ds.list_tenants():
+            click.echo(name)
 
 
 def _mount_bench() -> None:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from datastore.control import TENANT_NAME
 from datastore.corpus import DEFAULT_CORPUS, default_corpus_path, iter_default_corpus
 from datastore.errors import InvalidArgument, NotFound
 
@@ -44,8 +45,8 @@ def _from_record(r: Any, origin: str) -> Document:
         if r.get(name) is not None and not isinstance(r[name], str):
             raise ValueError(f'field "{name}" must be a string')
     tenants = r.get("tenants") or []
-    if not isinstance(tenants, list) or not all(isinstance(t, str) and t for t in tenants):
-        raise ValueError('field "tenants" must be a list of non-empty strings')
+    if not isinstance(tenants, list) or not all(isinstance(t, str) and TENANT_NAME.match(t) for t in tenants):
+        raise ValueError('field "tenants" must be a list of tenant names (letters, digits, _.:-)')
     metadata = r.get("metadata") or {}
     if not isinstance(metadata, dict):
         raise ValueError('field "metadata" must be an object')

@@ -16,6 +16,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from datastore.control import ControlStore, check_tenant_name
 from datastore.encoder import Encoder
 from datastore.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from datastore.indexing import index_dir, open_index, save_index
@@ -27,6 +28,9 @@ from index import SearchParams, SearchResult, VectorIndex
 from index.base import dir_size
 
 Query = str | np.ndarray
+#: The tenant set of a passage whose last grant was revoked: visible to no tenant (an empty
+#: set would make it public, which revoking must never do).
+NO_ONE = "_none"
 
 
 @dataclass(frozen=True)
@@ -135,6 +139,7 @@ class Datastore:
         self._next_id = max(s.next_id for s in self.shards)  # ids at or above are free here
         self._id_lock = threading.Lock()
         self._filter_cache: dict[tuple[int, int, tuple], np.ndarray] = {}
+        self.control = ControlStore(self.directory)
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -160,6 +165,7 @@ class Datastore:
         for s in self.shards:
             s.close()
         self.shards = []
+        self.control.close()
 
     @property
     def encoder(self) -> Encoder:
@@ -202,6 +208,7 @@ class Datastore:
         """Merged top-k over all shards for float32 (Q, dim) queries."""
         self._check_k(k)
         self._check_params(params)
+        self._check_tenants([tenant] if tenant is not None else [])
         vectors = self.check_vectors(vectors, "queries")
 
         def one(i: int) -> SearchResult:
@@ -313,6 +320,7 @@ class Datastore:
                                         f"{self.limits.max_text_chars}", subject="text size")
             if p.id >= 0:
                 self._check_ids([p.id])
+        self._check_tenants({t for p in passages for t in p.tenants})
         if vectors is not None:
             vectors = self.check_vectors(vectors, "vectors")
             if len(vectors) != len(passages):
@@ -369,6 +377,85 @@ class Datastore:
                     self._dirty[slot] = True
                 deleted += len(gone)
         return deleted
+
+    # -- tenants --------------------------------------------------------------------------------
+
+    def _check_tenants(self, names) -> None:
+        for name in names:
+            check_tenant_name(name)
+            if not self.control.has_tenant(name):
+                raise NotFound(f"no tenant {name}", resource_type="tenant", resource_name=name,
+                               hint="create it first (CreateTenant)")
+
+    def list_tenants(self) -> list[str]:
+        return self.control.tenants()
+
+    def create_tenant(self, name: str) -> None:
+        self.control.add_tenants([check_tenant_name(name, "name")], exist_ok=False)
+
+    def drop_tenant(self, name: str) -> tuple[int, int]:
+        """Remove a tenant: passages only it could see are deleted, the others lose its grant,
+        and its keys go. Returns (deleted, updated)."""
+        self._check_tenants([name])
+        only, shared = [], []
+        for shard in self.shards:
+            for p in shard.iter_passages():
+                if name in p.tenants:
+                    (only if p.tenants == (name,) else shared).append(p.id)
+        if only:
+            self.delete(only)
+        self._set_access(shared, name, grant=False)
+        self.control.remove_tenant(name)
+        return len(only), len(shared)
+
+    def grant(self, ids: Sequence[int], tenant: str) -> int:
+        """Make passages visible to `tenant` too; returns how many changed."""
+        return self._access(ids, tenant, grant=True)
+
+    def revoke(self, ids: Sequence[int], tenant: str) -> int:
+        """Take `tenant`'s access away (a passage with no tenant left becomes public only if
+        it was public before: revoking the last grant deletes nothing and leaves it to no one
+        but admins)."""
+        return self._access(ids, tenant, grant=False)
+
+    def _access(self, ids: Sequence[int], tenant: str, grant: bool) -> int:
+        if len(ids) == 0:
+            raise InvalidArgument.field("ids", "no ids given")
+        self._check_ids(ids)
+        self._check_tenants([tenant])
+        got = self._fetch(ids)
+        missing = [int(i) for i, p in zip(ids, got) if p is None]
+        if missing:
+            raise NotFound(f"no passage with id {', '.join(map(str, missing[:10]))}", resource_type="passage",
+                           resource_name=",".join(map(str, missing[:10])))
+        return self._set_access([int(i) for i in ids], tenant, grant)
+
+    def _set_access(self, ids: list[int], tenant: str, grant: bool) -> int:
+        changed = 0
+        arr = np.asarray(ids, np.int64)
+        groups, _ = self._route(arr)
+        for slot, sel in groups:
+            with self._locks[slot]:
+                shard = self.shards[slot]
+                passages = shard.get(arr[sel].tolist())
+                updated = []
+                for p in passages:
+                    ts = set(p.tenants)
+                    new = ts | {tenant} if grant else ts - {tenant}
+                    if new != ts:
+                        if not new:
+                            new = {NO_ONE}
+                        updated.append(Passage(p.id, p.text, p.title, p.source, tuple(sorted(new)), p.metadata))
+                if not updated:
+                    continue
+                up_ids = np.array([p.id for p in updated], np.int64)
+                vectors = shard.get_vectors(up_ids.tolist())
+                shard.put(updated, vectors)
+                self.indexes[slot].remove(up_ids)
+                self.indexes[slot].add(up_ids, vectors, [p.tenants for p in updated])
+                self._dirty[slot] = True
+                changed += len(updated)
+        return changed
 
     # -- stats ----------------------------------------------------------------------------------
 

@@ -15,5 +15,7 @@ if ! { .venv/bin/python -m pip install -q --upgrade pip &&
   echo "setup failed (log above)" >&2
   exit 1
 fi
+# shellcheck lints deploy/entrypoint.sh in the tests (optional: they skip without it)
+command -v shellcheck >/dev/null || { apt-get update -q && apt-get install -y -q shellcheck; } >> .venv/setup.log 2>&1 || true
 rm -f .venv/.installed-*
 touch "$stamp"

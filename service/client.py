@@ -34,12 +34,19 @@ class DatastoreClient:
     """A connection to a datastore server (`host:port`). Every method raises DatastoreError
     subclasses (InvalidArgument, NotFound, ...), never a bare grpc.RpcError."""
 
-    def __init__(self, address: str, timeout: float = 60.0, max_message_bytes: int = 64 * 1024 * 1024) -> None:
+    def __init__(self, address: str, timeout: float = 60.0, max_message_bytes: int = 64 * 1024 * 1024,
+                 api_key: str | None = None, tls_ca: str | None = None) -> None:
+        """`api_key` goes with every call; `tls_ca` (a PEM file) switches to TLS."""
         self.address = address
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(address, options=[
-            ("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.max_send_message_length", max_message_bytes)])
+        options = [("grpc.max_receive_message_length", max_message_bytes),
+                   ("grpc.max_send_message_length", max_message_bytes)]
+        if tls_ca is not None:
+            with open(tls_ca, "rb") as f:
+                self._channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(f.read()), options)
+        else:
+            self._channel = grpc.insecure_channel(address, options=options)
+        self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else None
         self._stub = pb_grpc.DatastoreStub(self._channel)
 
     def __enter__(self) -> "DatastoreClient":
@@ -53,7 +60,7 @@ class DatastoreClient:
 
     def _call(self, method, request, timeout: float | None):
         try:
-            return method(request, timeout=timeout or self.timeout)
+            return method(request, timeout=timeout or self.timeout, metadata=self._metadata)
         except grpc.RpcError as e:
             raise from_rpc_error(e) from None
 
@@ -90,6 +97,23 @@ class DatastoreClient:
 
     def delete(self, ids: Sequence[int], timeout: float | None = None) -> int:
         return self._call(self._stub.Delete, pb.DeleteRequest(ids=list(ids)), timeout).deleted
+
+    def create_tenant(self, name: str, timeout: float | None = None) -> None:
+        self._call(self._stub.CreateTenant, pb.CreateTenantRequest(name=name), timeout)
+
+    def drop_tenant(self, name: str, timeout: float | None = None) -> tuple[int, int]:
+        """(passages deleted, passages that lost the tenant's grant)."""
+        r = self._call(self._stub.DropTenant, pb.DropTenantRequest(name=name), timeout)
+        return r.deleted_passages, r.updated_passages
+
+    def list_tenants(self, timeout: float | None = None) -> list[str]:
+        return list(self._call(self._stub.ListTenants, pb.ListTenantsRequest(), timeout).names)
+
+    def grant(self, ids: Sequence[int], tenant: str, timeout: float | None = None) -> int:
+        return self._call(self._stub.Grant, pb.AccessRequest(ids=list(ids), tenant=tenant), timeout).changed
+
+    def revoke(self, ids: Sequence[int], tenant: str, timeout: float | None = None) -> int:
+        return self._call(self._stub.Revoke, pb.AccessRequest(ids=list(ids), tenant=tenant), timeout).changed
 
     def stats(self, timeout: float | None = None) -> RemoteStats:
         r = self._call(self._stub.Stats, pb.StatsRequest(), timeout)

@@ -33,6 +33,7 @@ from datastore.sharding import merge_topk, shard_of
 from datastore.store import DatastoreStats, Limits, Query, ShardInfo, check_query_vectors, embed_queries
 from index import SearchParams, SearchResult
 from service import convert
+from service.auth import API_KEY
 from service.metrics import SHARD_ERRORS, SHARD_LATENCY
 from service.pb import datastore_pb2 as pb
 from service.pb import datastore_pb2_grpc as pb_grpc
@@ -56,6 +57,8 @@ class RouterConfig:
     default_deadline: float = 30.0
     health_interval: float = 1.0
     max_message_bytes: int = 64 * 1024 * 1024
+    #: Key for the router's own calls (discovering the servers); callers' keys are forwarded.
+    api_key: str | None = None
 
     def __post_init__(self) -> None:
         if not self.servers or any(not group for group in self.servers):
@@ -128,7 +131,7 @@ class Router:
         owner: dict[int, int] = {}
         stats = None
         for n, server in enumerate(self.servers):
-            r = self._call(server, "Stats", pb.StatsRequest(), self.config.default_deadline)
+            r = self._call(server, "Stats", pb.StatsRequest(), self.config.default_deadline, self._md())
             server.shards = sorted(s.shard_id for s in r.shards)
             stats = stats or r
             if r.num_shards != stats.num_shards or r.dim != stats.dim or r.model != stats.model:
@@ -179,7 +182,13 @@ class Router:
 
     # -- calls ----------------------------------------------------------------------------------
 
-    def _call(self, server: _Server, method: str, request, timeout: float | None):
+    def _md(self) -> tuple | None:
+        """Metadata for calls made on behalf of the current caller: their key, forwarded (the
+        shard servers authenticate it), or the router's own key for its own calls."""
+        key = API_KEY.get() or self.config.api_key
+        return (("authorization", f"Bearer {key}"),) if key else None
+
+    def _call(self, server: _Server, method: str, request, timeout: float | None, md: tuple | None = None):
         """Call one replica after another until one answers or the deadline passes."""
         deadline = time.monotonic() + (timeout or self.config.default_deadline)
         last: grpc.RpcError | None = None
@@ -189,7 +198,8 @@ class Router:
                 break
             t = time.perf_counter()
             try:
-                out = getattr(replica.stub, method)(request, timeout=min(left, self.config.per_shard_timeout))
+                out = getattr(replica.stub, method)(request, timeout=min(left, self.config.per_shard_timeout),
+                                                    metadata=md)
                 SHARD_LATENCY.labels(replica.address, method).observe(time.perf_counter() - t)
                 return out
             except grpc.RpcError as e:
@@ -310,6 +320,7 @@ class Router:
             groups.setdefault(j % len(self.servers), []).append(n)
         results: dict[int, list[int]] = {}
         errors: list[DatastoreError] = []
+        md = self._md()
 
         def run(server: int, pos: list[int]) -> None:
             def items(ids: list[int] | None) -> list[pb.UpsertItem]:
@@ -326,7 +337,7 @@ class Router:
 
             try:
                 results[server] = self._replicate(self.servers[server], "Upsert",
-                                                  lambda ids: iter(items(ids)), timeout).ids[:]
+                                                  lambda ids: iter(items(ids)), timeout, md).ids[:]
             except DatastoreError as e:
                 errors.append(e)
 
@@ -348,18 +359,19 @@ class Router:
         deleted = 0
         for n, pos in groups.items():
             request = pb.DeleteRequest(ids=[ids[p] for p in pos])
-            deleted += self._replicate(self.servers[n], "Delete", lambda _ids: request, timeout).deleted
+            deleted += self._replicate(self.servers[n], "Delete", lambda _ids: request, timeout, self._md()).deleted
         return deleted
 
     def _replicate(self, server: _Server, method: str, request: Callable[[list[int] | None], object],
-                   timeout: float | None):
+                   timeout: float | None, md: tuple | None):
         """A write to every replica of a server: the first that answers (the primary) assigns
         new ids, the others get the same ids; the answer is the primary's. A replica that
         fails is marked unhealthy and logged: it has missed a write and needs a resync."""
         answer, primary = None, None
         for replica in server.order():
             try:
-                answer = getattr(replica.stub, method)(request(None), timeout=timeout or self.config.per_shard_timeout)
+                answer = getattr(replica.stub, method)(request(None), timeout=timeout or self.config.per_shard_timeout,
+                                                       metadata=md)
                 primary = replica
                 break
             except grpc.RpcError as e:
@@ -373,11 +385,41 @@ class Router:
             if replica is primary:
                 continue
             try:
-                getattr(replica.stub, method)(request(ids), timeout=timeout or self.config.per_shard_timeout)
+                getattr(replica.stub, method)(request(ids), timeout=timeout or self.config.per_shard_timeout,
+                                              metadata=md)
             except grpc.RpcError as e:
                 replica.healthy = False
                 log.error("replica %s missed a %s (%s): it needs a resync", replica.address, method, e.code().name)
         return answer
+
+    def _every_server(self, method: str, request) -> list:
+        """A control write (tenants) to every replica of every server."""
+        md = self._md()
+        return [self._replicate(server, method, lambda _ids: request, None, md) for server in self.servers]
+
+    def create_tenant(self, name: str) -> None:
+        self._every_server("CreateTenant", pb.CreateTenantRequest(name=name))
+
+    def drop_tenant(self, name: str) -> tuple[int, int]:
+        answers = self._every_server("DropTenant", pb.DropTenantRequest(name=name))
+        return sum(a.deleted_passages for a in answers), sum(a.updated_passages for a in answers)
+
+    def list_tenants(self) -> list[str]:
+        return list(self._call(self.servers[0], "ListTenants", pb.ListTenantsRequest(), None, self._md()).names)
+
+    def grant(self, ids: Sequence[int], tenant: str) -> int:
+        return self._access("Grant", ids, tenant)
+
+    def revoke(self, ids: Sequence[int], tenant: str) -> int:
+        return self._access("Revoke", ids, tenant)
+
+    def _access(self, method: str, ids: Sequence[int], tenant: str) -> int:
+        if len(ids) == 0:
+            raise InvalidArgument.field("ids", "no ids given")
+        ids = [int(i) for i in ids]
+        md = self._md()
+        return sum(self._replicate(self.servers[n], method, lambda _ids, pos=pos: pb.AccessRequest(
+            ids=[ids[p] for p in pos], tenant=tenant), None, md).changed for n, pos in self._by_server(ids).items())
 
     def stats(self) -> DatastoreStats:
         answers = self._fan_out("Stats", {n: pb.StatsRequest() for n in range(len(self.servers))}, None)

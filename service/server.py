@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 from service import convert
 from service.pb import datastore_pb2 as pb
 from service.pb import datastore_pb2_grpc as pb_grpc
+from service.auth import AuthInterceptor, effective_tenant, require_admin
 from service.metrics import MetricsInterceptor
 from service.status import to_status
 
@@ -39,6 +40,9 @@ class ServerConfig:
     grace_seconds: float = 5.0
     #: Count and time RPCs for the Prometheus exporter (service/metrics.py).
     metrics: bool = False
+    #: PEM files: serve TLS instead of plaintext.
+    tls_cert: str | None = None
+    tls_key: str | None = None
 
 
 class ErrorInterceptor(grpc.ServerInterceptor):
@@ -80,7 +84,7 @@ class DatastoreServicer(pb_grpc.DatastoreServicer):
     def Search(self, request: pb.SearchRequest, context) -> pb.SearchResponse:
         hits, missing = self.store.search_with_coverage(
             convert.queries_from_pb(request.queries), int(request.k),
-            tenant=request.tenant if request.HasField("tenant") else None,
+            tenant=effective_tenant(request.tenant if request.HasField("tenant") else None),
             metadata_filter=dict(request.metadata_filter) or None,
             params=convert.params_from_pb(request.params), include_text=request.include_text,
             timeout=context.time_remaining())
@@ -89,12 +93,13 @@ class DatastoreServicer(pb_grpc.DatastoreServicer):
         return response
 
     def GetPassages(self, request: pb.GetPassagesRequest, context) -> pb.GetPassagesResponse:
-        passages = self.store.get_passages(list(request.ids),
-                                           tenant=request.tenant if request.HasField("tenant") else None)
+        passages = self.store.get_passages(
+            list(request.ids), tenant=effective_tenant(request.tenant if request.HasField("tenant") else None))
         return pb.GetPassagesResponse(passages=[convert.passage_to_pb(p) for p in passages])
 
     def Upsert(self, request_iterator, context) -> pb.UpsertResponse:
         # All items are read and checked before anything is written: a bad item changes nothing.
+        require_admin("Upsert")
         passages, vectors = [], []
         for n, item in enumerate(request_iterator):
             if n >= self.store.limits.max_upsert_batch:
@@ -113,7 +118,30 @@ class DatastoreServicer(pb_grpc.DatastoreServicer):
         return pb.UpsertResponse(upserted=len(ids), ids=ids)
 
     def Delete(self, request: pb.DeleteRequest, context) -> pb.DeleteResponse:
+        require_admin("Delete")
         return pb.DeleteResponse(deleted=self.store.delete(list(request.ids)))
+
+    def CreateTenant(self, request: pb.CreateTenantRequest, context) -> pb.CreateTenantResponse:
+        require_admin("CreateTenant")
+        self.store.create_tenant(request.name)
+        return pb.CreateTenantResponse()
+
+    def DropTenant(self, request: pb.DropTenantRequest, context) -> pb.DropTenantResponse:
+        require_admin("DropTenant")
+        deleted, updated = self.store.drop_tenant(request.name)
+        return pb.DropTenantResponse(deleted_passages=deleted, updated_passages=updated)
+
+    def ListTenants(self, request: pb.ListTenantsRequest, context) -> pb.ListTenantsResponse:
+        require_admin("ListTenants")
+        return pb.ListTenantsResponse(names=self.store.list_tenants())
+
+    def Grant(self, request: pb.AccessRequest, context) -> pb.AccessResponse:
+        require_admin("Grant")
+        return pb.AccessResponse(changed=self.store.grant(list(request.ids), request.tenant))
+
+    def Revoke(self, request: pb.AccessRequest, context) -> pb.AccessResponse:
+        require_admin("Revoke")
+        return pb.AccessResponse(changed=self.store.revoke(list(request.ids), request.tenant))
 
     def Stats(self, request: pb.StatsRequest, context) -> pb.StatsResponse:
         st = self.store.stats()
@@ -125,12 +153,22 @@ class DatastoreServicer(pb_grpc.DatastoreServicer):
                                   index_disk_bytes=s.index_disk_bytes) for s in st.shards])
 
 
+def _authenticator(store) -> "Callable[[str | None], object] | None":
+    """Keys are enforced from the moment the datastore holds one (checked per call, so a
+    key created while serving takes effect at once). A router has no keys of its own: it
+    forwards the caller's key and its shard servers decide."""
+    control = getattr(store, "control", None)
+    if control is None:
+        return None
+    return lambda key: control.authenticate(key) if control.has_keys() else None
+
+
 def create_server(store: "Datastore | Router", address: str = "127.0.0.1:0",
                   config: ServerConfig = ServerConfig()) -> tuple[grpc.Server, int]:
     """A started server bound to `address` (port 0 picks a free one); returns (server, port)."""
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="grpc"),
-        interceptors=([MetricsInterceptor()] if config.metrics else []) + [ErrorInterceptor()],
+        interceptors=([MetricsInterceptor()] if config.metrics else []) + [ErrorInterceptor(), AuthInterceptor(_authenticator(store))],
         options=[("grpc.max_receive_message_length", config.max_message_bytes),
                  ("grpc.max_send_message_length", config.max_message_bytes)],
     )
@@ -140,7 +178,12 @@ def create_server(store: "Datastore | Router", address: str = "127.0.0.1:0",
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    port = server.add_insecure_port(address)
+    if config.tls_cert:
+        with open(config.tls_cert, "rb") as c, open(config.tls_key or "", "rb") as k:
+            creds = grpc.ssl_server_credentials([(k.read(), c.read())])
+        port = server.add_secure_port(address, creds)
+    else:
+        port = server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"cannot bind {address}")
     server.start()

@@ -419,6 +419,11 @@ def test_reupserting_an_id_replaces_the_passage(server):
 def test_tenant_passage_is_visible_only_to_its_tenant(server):
     client, _, _ = server
     text = "Acme's internal memo on the anvil supply chain and rocket-powered roller skates."
+    with pytest.raises(NotFound, match="no tenant acme"):  # tenants are registered first
+        client.upsert([Passage(-1, text, "Acme memo", tenants=("acme",))])
+    client.create_tenant("acme")
+    client.create_tenant("other")
+    assert client.list_tenants() == ["acme", "other"]
     [pid] = client.upsert([Passage(-1, text, "Acme memo", tenants=("acme",))])
     q = "anvil supply chain and rocket roller skates memo"
     assert pid not in [h.id for h in client.search([q], k=20)[0]]
@@ -475,7 +480,8 @@ def test_server_reflection_lists_and_describes_the_service(server):
     fd = descriptor_pb2.FileDescriptorProto.FromString(
         files.file_descriptor_response.file_descriptor_proto[0])
     assert fd.package == "datastore.v1"
-    assert {m.name for m in fd.service[0].method} == {"Search", "GetPassages", "Upsert", "Delete", "Stats"}
+    assert {m.name for m in fd.service[0].method} == {"Search", "GetPassages", "Upsert", "Delete", "Stats",
+                                                      "CreateTenant", "DropTenant", "ListTenants", "Grant", "Revoke"}
 
 
 # -- durability ---------------------------------------------------------------------------------

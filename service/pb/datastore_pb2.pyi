@@ -201,3 +201,51 @@ class StatsResponse(_message.Message):
     manifest_json: str
     num_shards: int
     def __init__(self, passages: _Optional[int] = ..., dim: _Optional[int] = ..., model: _Optional[str] = ..., index_kind: _Optional[str] = ..., metric: _Optional[str] = ..., shards: _Optional[_Iterable[_Union[ShardStats, _Mapping]]] = ..., manifest_json: _Optional[str] = ..., num_shards: _Optional[int] = ...) -> None: ...
+
+class CreateTenantRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class CreateTenantResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class DropTenantRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class DropTenantResponse(_message.Message):
+    __slots__ = ("deleted_passages", "updated_passages")
+    DELETED_PASSAGES_FIELD_NUMBER: _ClassVar[int]
+    UPDATED_PASSAGES_FIELD_NUMBER: _ClassVar[int]
+    deleted_passages: int
+    updated_passages: int
+    def __init__(self, deleted_passages: _Optional[int] = ..., updated_passages: _Optional[int] = ...) -> None: ...
+
+class ListTenantsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListTenantsResponse(_message.Message):
+    __slots__ = ("names",)
+    NAMES_FIELD_NUMBER: _ClassVar[int]
+    names: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, names: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class AccessRequest(_message.Message):
+    __slots__ = ("ids", "tenant")
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    ids: _containers.RepeatedScalarFieldContainer[int]
+    tenant: str
+    def __init__(self, ids: _Optional[_Iterable[int]] = ..., tenant: _Optional[str] = ...) -> None: ...
+
+class AccessResponse(_message.Message):
+    __slots__ = ("changed",)
+    CHANGED_FIELD_NUMBER: _ClassVar[int]
+    changed: int
+    def __init__(self, changed: _Optional[int] = ...) -> None: ...

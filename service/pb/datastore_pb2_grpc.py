@@ -59,6 +59,31 @@ class DatastoreStub:
                 request_serializer=datastore_dot_v1_dot_datastore__pb2.StatsRequest.SerializeToString,
                 response_deserializer=datastore_dot_v1_dot_datastore__pb2.StatsResponse.FromString,
                 _registered_method=True)
+        self.CreateTenant = channel.unary_unary(
+                '/datastore.v1.Datastore/CreateTenant',
+                request_serializer=datastore_dot_v1_dot_datastore__pb2.CreateTenantRequest.SerializeToString,
+                response_deserializer=datastore_dot_v1_dot_datastore__pb2.CreateTenantResponse.FromString,
+                _registered_method=True)
+        self.DropTenant = channel.unary_unary(
+                '/datastore.v1.Datastore/DropTenant',
+                request_serializer=datastore_dot_v1_dot_datastore__pb2.DropTenantRequest.SerializeToString,
+                response_deserializer=datastore_dot_v1_dot_datastore__pb2.DropTenantResponse.FromString,
+                _registered_method=True)
+        self.ListTenants = channel.unary_unary(
+                '/datastore.v1.Datastore/ListTenants',
+                request_serializer=datastore_dot_v1_dot_datastore__pb2.ListTenantsRequest.SerializeToString,
+                response_deserializer=datastore_dot_v1_dot_datastore__pb2.ListTenantsResponse.FromString,
+                _registered_method=True)
+        self.Grant = channel.unary_unary(
+                '/datastore.v1.Datastore/Grant',
+                request_serializer=datastore_dot_v1_dot_datastore__pb2.AccessRequest.SerializeToString,
+                response_deserializer=datastore_dot_v1_dot_datastore__pb2.AccessResponse.FromString,
+                _registered_method=True)
+        self.Revoke = channel.unary_unary(
+                '/datastore.v1.Datastore/Revoke',
+                request_serializer=datastore_dot_v1_dot_datastore__pb2.AccessRequest.SerializeToString,
+                response_deserializer=datastore_dot_v1_dot_datastore__pb2.AccessResponse.FromString,
+                _registered_method=True)
 
 
 class DatastoreServicer:
@@ -98,6 +123,37 @@ class DatastoreServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateTenant(self, request, context):
+        """Tenant management and access control (admin keys only when keys are in use).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DropTenant(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListTenants(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Grant(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Revoke(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DatastoreServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -125,6 +181,31 @@ def add_DatastoreServicer_to_server(servicer, server):
                     servicer.Stats,
                     request_deserializer=datastore_dot_v1_dot_datastore__pb2.StatsRequest.FromString,
                     response_serializer=datastore_dot_v1_dot_datastore__pb2.StatsResponse.SerializeToString,
+            ),
+            'CreateTenant': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateTenant,
+                    request_deserializer=datastore_dot_v1_dot_datastore__pb2.CreateTenantRequest.FromString,
+                    response_serializer=datastore_dot_v1_dot_datastore__pb2.CreateTenantResponse.SerializeToString,
+            ),
+            'DropTenant': grpc.unary_unary_rpc_method_handler(
+                    servicer.DropTenant,
+                    request_deserializer=datastore_dot_v1_dot_datastore__pb2.DropTenantRequest.FromString,
+                    response_serializer=datastore_dot_v1_dot_datastore__pb2.DropTenantResponse.SerializeToString,
+            ),
+            'ListTenants': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTenants,
+                    request_deserializer=datastore_dot_v1_dot_datastore__pb2.ListTenantsRequest.FromString,
+                    response_serializer=datastore_dot_v1_dot_datastore__pb2.ListTenantsResponse.SerializeToString,
+            ),
+            'Grant': grpc.unary_unary_rpc_method_handler(
+                    servicer.Grant,
+                    request_deserializer=datastore_dot_v1_dot_datastore__pb2.AccessRequest.FromString,
+                    response_serializer=datastore_dot_v1_dot_datastore__pb2.AccessResponse.SerializeToString,
+            ),
+            'Revoke': grpc.unary_unary_rpc_method_handler(
+                    servicer.Revoke,
+                    request_deserializer=datastore_dot_v1_dot_datastore__pb2.AccessRequest.FromString,
+                    response_serializer=datastore_dot_v1_dot_datastore__pb2.AccessResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -262,6 +343,141 @@ class Datastore:
             '/datastore.v1.Datastore/Stats',
             datastore_dot_v1_dot_datastore__pb2.StatsRequest.SerializeToString,
             datastore_dot_v1_dot_datastore__pb2.StatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateTenant(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/datastore.v1.Datastore/CreateTenant',
+            datastore_dot_v1_dot_datastore__pb2.CreateTenantRequest.SerializeToString,
+            datastore_dot_v1_dot_datastore__pb2.CreateTenantResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DropTenant(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/datastore.v1.Datastore/DropTenant',
+            datastore_dot_v1_dot_datastore__pb2.DropTenantRequest.SerializeToString,
+            datastore_dot_v1_dot_datastore__pb2.DropTenantResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTenants(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/datastore.v1.Datastore/ListTenants',
+            datastore_dot_v1_dot_datastore__pb2.ListTenantsRequest.SerializeToString,
+            datastore_dot_v1_dot_datastore__pb2.ListTenantsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Grant(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/datastore.v1.Datastore/Grant',
+            datastore_dot_v1_dot_datastore__pb2.AccessRequest.SerializeToString,
+            datastore_dot_v1_dot_datastore__pb2.AccessResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Revoke(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/datastore.v1.Datastore/Revoke',
+            datastore_dot_v1_dot_datastore__pb2.AccessRequest.SerializeToString,
+            datastore_dot_v1_dot_datastore__pb2.AccessResponse.FromString,
             options,
             channel_credentials,
             insecure,
