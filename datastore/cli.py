@@ -222,8 +222,10 @@ def _print_hits(question: str, hits, include_text: bool) -> None:
 @click.option("--tls-key", type=click.Path(exists=True), help="PEM private key of --tls-cert.")
 @click.option("--api-key", envvar="DATASTORE_API_KEY", help="Router: key for its own calls to the servers.")
 @click.option("--insecure", is_flag=True, help="Allow a non-loopback address without API keys.")
+@click.option("--flush-seconds", default=60.0, show_default=True,
+              help="Save changed indexes this often (after a crash, an index older than LMDB is rebuilt).")
 def serve(directory, host, port, shard_list, router, shard_servers, partial_results, per_shard_timeout,
-          metrics_port, workers, omp_threads, tls_cert, tls_key, api_key, insecure) -> None:
+          metrics_port, workers, omp_threads, tls_cert, tls_key, api_key, insecure, flush_seconds) -> None:
     """Serve DIRECTORY (or some of its --shards) over gRPC, or with --router route the same API
     over shard servers. Health checking and reflection included; stops on SIGTERM."""
     import signal
@@ -260,6 +262,7 @@ def serve(directory, host, port, shard_list, router, shard_servers, partial_resu
             except ValueError:
                 raise InvalidArgument.field("shards", f"{shard_list!r} is not a list like 0,3") from None
         store = open_datastore(directory, shard_ids=ids)
+        store.autoflush(flush_seconds)
         what = f"{directory} (shards {store.shard_ids})"
         protected = store.control.has_keys()
     if not protected and not insecure and not _is_loopback(host):

@@ -157,9 +157,22 @@ class Datastore:
                     save_index(shard, self.indexes[i])
                     self._dirty[i] = False
 
+    def autoflush(self, interval: float) -> None:
+        """Save changed indexes every `interval` seconds from a background thread, so a crash
+        costs at most that much index work to redo (LMDB already holds every write)."""
+        self._stop_flush = threading.Event()
+
+        def run() -> None:
+            while not self._stop_flush.wait(interval):
+                self.flush()
+
+        threading.Thread(target=run, name="index-autoflush", daemon=True).start()
+
     def close(self) -> None:
         if not self.shards:
             return
+        if hasattr(self, "_stop_flush"):
+            self._stop_flush.set()
         self.flush()
         self._pool.shutdown(wait=True)
         for s in self.shards:
