@@ -63,6 +63,20 @@ def rss_bytes() -> int:
         return int(psutil.Process().memory_info().rss)
 
 
+def anon_bytes() -> int:
+    """Anonymous resident memory (heap, arrays) of this process: what an index holds and
+    cannot give back. RSS also counts file pages a disk index has mmap'd, which are page
+    cache the kernel reclaims under pressure."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return rss_bytes()
+
+
 def release_free_memory() -> None:
     """Collect garbage and hand freed heap pages back to the OS, so RSS deltas mean something."""
     gc.collect()

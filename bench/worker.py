@@ -150,10 +150,12 @@ def run(spec: WorkerSpec) -> int:
 
 
 def _points(spec, cls, ds, workdir, build_params, build_s, row0, drop_page_cache, release_free_memory, rss_bytes):
+    from bench.measure import anon_bytes
+
     adapter = None
-    rss0 = 0
+    rss0 = anon0 = 0
     load_s = 0.0
-    peak = 0
+    peak = anon_peak = 0
     for i, search_params in enumerate(spec.search_points):
         cold_method = None
         if adapter is None or spec.cold:
@@ -162,14 +164,14 @@ def _points(spec, cls, ds, workdir, build_params, build_s, row0, drop_page_cache
                 adapter.close()
                 adapter = None
             release_free_memory()
-            rss0 = rss_bytes()
+            rss0, anon0 = rss_bytes(), anon_bytes()
             adapter = cls(workdir / "index", ds.dim, ds.metric, spec.threads)
             if spec.cold:
                 cold_method = drop_page_cache(adapter.index_files())
             t0 = time.perf_counter()
             adapter.load(build_params)
             load_s = time.perf_counter() - t0
-            peak = rss_bytes()
+            peak, anon_peak = rss_bytes(), anon_bytes()
         params = {**build_params, **search_params}
         if not spec.cold:
             adapter.search(ds.queries[:min(10, len(ds.queries))], spec.k, params,
@@ -178,10 +180,12 @@ def _points(spec, cls, ds, workdir, build_params, build_s, row0, drop_page_cache
         if spec.cold:
             drop_page_cache(adapter.index_files())
         qps_single, p50, p99 = measure_single(adapter, ds, spec, params)
-        peak = max(peak, rss_bytes())
+        peak, anon_peak = max(peak, rss_bytes()), max(anon_peak, anon_bytes())
         row = {**row0, "params": params, "recall_at_10": round(recall, 5), "qps_batch": round(qps_batch, 2),
                "qps_single": round(qps_single, 2), "p50_ms": _r(p50), "p99_ms": _r(p99),
-               "build_s": round(build_s, 3), "ram_bytes": max(0, peak - rss0), "disk_bytes": adapter.disk_bytes(),
+               "build_s": round(build_s, 3), "ram_bytes": max(0, anon_peak - anon0),
+               # RSS growth including mmap'd index file pages (page cache the kernel can reclaim)
+               "rss_bytes": max(0, peak - rss0), "disk_bytes": adapter.disk_bytes(),
                "threads": spec.threads, "cold": spec.cold, "queries": used, "load_s": round(load_s, 3),
                # The 1-minute load average at the end of the point: a busy machine shows here.
                "loadavg": round(os.getloadavg()[0], 2)}
