@@ -77,6 +77,30 @@ def anon_bytes() -> int:
     return rss_bytes()
 
 
+class PeakMemory:
+    """Samples anonymous memory in a thread while a block runs; `.peak` is the growth."""
+
+    def __init__(self, interval: float = 0.05) -> None:
+        import threading
+
+        self.interval, self.peak, self._stop = interval, 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.peak = max(self.peak, anon_bytes() - self._base)
+
+    def __enter__(self) -> "PeakMemory":
+        self._base = anon_bytes()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, anon_bytes() - self._base)
+
+
 def release_free_memory() -> None:
     """Collect garbage and hand freed heap pages back to the OS, so RSS deltas mean something."""
     gc.collect()

@@ -115,7 +115,7 @@ def run(spec: WorkerSpec) -> int:
     from bench.adapter import PeerUnavailable
     from bench.algos import NotYetAvailable, resolve
     from bench.datasets import load_dataset
-    from bench.measure import drop_page_cache, release_free_memory, rss_bytes
+    from bench.measure import PeakMemory, drop_page_cache, release_free_memory, rss_bytes
 
     ds = load_dataset(spec.dataset, max_queries=spec.max_queries)
     row0 = base_row(spec, ds.name, ds.n, ds.dim)
@@ -135,12 +135,13 @@ def run(spec: WorkerSpec) -> int:
             adapter = cls(workdir / "index", ds.dim, ds.metric, spec.threads)
             release_free_memory()
             t0 = time.perf_counter()
-            adapter.build(ds.base, build_params, tenants)
+            with PeakMemory() as build_memory:  # beyond the base vectors, already loaded
+                adapter.build(ds.base, build_params, tenants)
             build_s = time.perf_counter() - t0
             adapter.close()
             del adapter
-            _points(spec, cls, ds, workdir, build_params, build_s, row0, drop_page_cache,
-                    release_free_memory, rss_bytes)
+            _points(spec, cls, ds, workdir, build_params, build_s, {**row0, "build_peak_bytes": build_memory.peak},
+                    drop_page_cache, release_free_memory, rss_bytes)
         except Exception as e:  # noqa: BLE001 -- one failing build must not hide the others' results
             traceback.print_exc()
             emit(spec, {**row0, "params": build_params, "skipped": f"failed: {type(e).__name__}: {e}"})

@@ -293,12 +293,11 @@ class SpannIndex:
         """Bulk phase: keep raw (id, vector) rows in a scratch LMDB until the seal."""
         if self._raw is None:
             self._raw = self._spill_store("raw")
-        puts = {}
-        for start in range(0, len(ids), self.STAGE_ROWS):
+        for start in range(0, len(ids), self.STAGE_ROWS):  # one blob at a time: memory stays flat
             part = slice(start, start + self.STAGE_ROWS)
-            puts[self._raw_seq] = codec.encode(Posting(ids[part], np.zeros(len(ids[part]), np.uint16), vectors[part]))
+            blob = codec.encode(Posting(ids[part], np.zeros(len(ids[part]), np.uint16), vectors[part]))
+            self._raw.write({self._raw_seq: blob})
             self._raw_seq += 1
-        self._raw.write(puts)
         self._count += len(ids)
 
     def _seal(self) -> None:
