@@ -14,11 +14,13 @@ from typing import Any
 from bench.adapter import Adapter
 from bench.ours import our_adapter
 from bench.peers import DiskANN, DiskANNMemory, FaissFlat, FaissHNSW, FaissIVF, FaissOnDiskIVF, Hnswlib
+from bench.binary_peers import GRIDS as BINARY_PEER_GRIDS
+from bench.binary_peers import FaissIVFPQ, SignBinary
 from bench.peers_db import LanceIVFFlat, LanceIVFPQ, MilvusLite
 
 PEERS: dict[str, type[Adapter]] = {cls.name: cls for cls in (
     FaissFlat, FaissIVF, FaissHNSW, FaissOnDiskIVF, Hnswlib, DiskANN, DiskANNMemory,
-    LanceIVFPQ, LanceIVFFlat, MilvusLite)}
+    LanceIVFPQ, LanceIVFFlat, MilvusLite, SignBinary, FaissIVFPQ)}
 
 #: Our kinds as the design names them; those not yet in INDEX_KINDS are reported as skipped.
 OUR_KINDS = ("flat", "spann", "curator", "binary")
@@ -30,7 +32,7 @@ DEFAULT_GRIDS: dict[str, dict[str, list[Any]]] = {
     "flat": {},
     "spann": {"nprobe": [1, 2, 4, 8, 16, 32, 64, 128]},
     "curator": {"candidate_budget": [64, 128, 256, 512, 1024, 2048, 4096]},
-    "binary": {"oversample": [1, 2, 4, 8, 16, 32]},
+    "binary": {"bits": [1, 2, 4], "oversample": [1, 2, 4, 8, 16, 32]},
     # peers
     "faiss-flat": {},
     "faiss-ivf": {"nlist": [1024], "nprobe": _IVF_PROBES},
@@ -46,6 +48,8 @@ DEFAULT_GRIDS: dict[str, dict[str, list[Any]]] = {
     "lancedb-ivfpq": {"num_partitions": [512], "nprobes": [2, 4, 8, 16, 32, 64, 128], "refine_factor": [10]},
     "lancedb-ivfflat": {"num_partitions": [512], "nprobes": [1, 2, 4, 8, 16, 32, 64, 128]},
     "milvus-lite": {"index_type": ["IVF_FLAT"], "nlist": [1024], "nprobe": [1, 2, 4, 8, 16, 32, 64, 128]},
+    # sign-binary and faiss-ivfpq: the baselines of the binary index (same float rerank)
+    **BINARY_PEER_GRIDS,
 }
 
 

@@ -481,6 +481,18 @@ def _mount_bench() -> None:
 _mount_bench()
 
 
+def _mount_rag() -> None:
+    """`datastore rag ...` comes from rag/ (it needs transformers, which sentence-transformers brings)."""
+    try:
+        from rag.cli import rag
+    except ImportError:
+        return
+    cli.add_command(rag)
+
+
+_mount_rag()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         cli.main(args=list(argv) if argv is not None else None, prog_name="datastore", standalone_mode=False)

@@ -6,11 +6,13 @@ from pathlib import Path
 from typing import Any
 
 from index.base import Metric, VectorIndex
+from index.binary import BinaryIndex
+from index.curator import CuratorIndex
 from index.flat import FlatIndex
 from index.spann import SpannIndex
 from index.storage import BlobStore
 
-INDEX_KINDS: dict[str, type] = {cls.kind: cls for cls in (FlatIndex, SpannIndex)}
+INDEX_KINDS: dict[str, type] = {cls.kind: cls for cls in (FlatIndex, SpannIndex, BinaryIndex, CuratorIndex)}
 
 
 def _kind_class(kind: str) -> type:

@@ -1,0 +1,226 @@
+"""Benchmark of the RAG plugin on the default corpus; prints one JSON object.
+
+1. Split. Among articles of at least `min_words` words, `eval_docs` are held out: their
+   first `lead_words` words (with the title) stay in the corpus as the *neighbour*, the rest
+   is the held-out text. Everything else is training text.
+2. Train (once, cached under OUT/models) a tokenizer, a target LM and a smaller drafter LM
+   on the training text only (rag.train_tiny).
+3. Build (once, cached under OUT/ds) a datastore of the training text (datastore.build).
+4. Perplexity of the held-out texts, MassiveDS windows, with the target LM: without
+   retrieval, with retrieval, and with retrieval that may not see the neighbours
+   (metadata filter `split=other`): the last shows what the neighbours bring.
+5. Speculative decoding at long context: a long input of corpus articles (>= `context_tokens`
+   target tokens) and prompts that start one of its articles; target-only greedy decoding
+   vs SpeculativeRAG (drafter fed by the long input's chunks through an ephemeral tenant),
+   interleaved runs, medians.
+
+    python -m rag.bench_rag --out runs/rag            # trains ~8 min the first time
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import statistics
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import click
+
+from rag.train_tiny import TinyLMConfig, train, train_tokenizer
+
+
+def split_corpus(docs: int | None, eval_docs: int, min_words: int, lead_words: int,
+                 seed: int) -> tuple[list[dict], list[str]]:
+    """(datastore/training records, held-out texts). Records are JSONL-ready dicts."""
+    from datastore.corpus import iter_default_corpus
+
+    articles = [a for a in iter_default_corpus(docs) if a.text.strip()]
+    long_ones = [i for i, a in enumerate(articles) if len(a.text.split()) >= min_words]
+    if len(long_ones) < eval_docs:
+        raise ValueError(f"eval_docs must be <= {len(long_ones)} (articles of >= {min_words} words), "
+                         f"got {eval_docs}")
+    held = set(random.Random(seed).sample(long_ones, eval_docs))
+    records, heldout = [], []
+    for i, a in enumerate(articles):
+        text = a.text
+        split = "other"
+        if i in held:
+            words = text.split()
+            text, split = " ".join(words[:lead_words]), "neighbour"
+            heldout.append(" ".join(words[lead_words:]))
+        records.append({"id": a.doc_id, "title": a.title, "text": text, "metadata": {"split": split}})
+    return records, heldout
+
+
+def _train_models(out: Path, texts: list[str], target_cfg: TinyLMConfig, drafter_cfg: TinyLMConfig,
+                  log) -> dict:
+    tdir, ddir = out / "target", out / "drafter"
+    if not (tdir / "train_summary.json").exists() or not (ddir / "train_summary.json").exists():
+        tokenizer = train_tokenizer(texts, target_cfg.vocab_size)
+        for name, cfg, d in (("target", target_cfg, tdir), ("drafter", drafter_cfg, ddir)):
+            if not (d / "train_summary.json").exists():
+                log(f"training the {name}")
+                train(texts, cfg, d, tokenizer=tokenizer, log=log)
+    return {name: json.loads((out / name / "train_summary.json").read_text())
+            for name in ("target", "drafter")}
+
+
+def _build_datastore(out: Path, records: list[dict], chunk_words: int) -> dict:
+    from datastore.build import BuildConfig, build
+    from datastore.chunking import ChunkConfig
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    jsonl = out.parent / "corpus.jsonl"
+    content = "".join(json.dumps(r) + "\n" for r in records)
+    if not jsonl.exists() or jsonl.read_text() != content:  # its mtime is part of the build's identity
+        jsonl.write_text(content)
+    summary = build(BuildConfig([str(jsonl)], out, chunk=ChunkConfig(chunk_words, 0), progress=False))
+    return {"passages": summary.passages, "build_seconds": round(summary.seconds, 1),
+            "already_built": summary.already_built}
+
+
+def _perplexity(lm, retriever, heldout: list[str], window: int, stride: int) -> dict:
+    from rag.retriever import RetrieverConfig
+
+    out = {"without_retrieval": lm.perplexity(heldout, window, stride, retrieval=False).to_dict()}
+    t = time.perf_counter()
+    out["with_retrieval"] = lm.perplexity(heldout, window, stride, retrieval=True).to_dict()
+    out["with_retrieval"]["seconds"] = round(time.perf_counter() - t, 1)
+    out["retrieval_filters"] = asdict(retriever.stats)
+    base = retriever.config
+    retriever.config = RetrieverConfig(**{**asdict(base), "metadata_filter": {"split": "other"}})
+    out["with_retrieval_no_neighbours"] = lm.perplexity(heldout, window, stride, retrieval=True).to_dict()
+    retriever.config = base
+    return out
+
+
+def _long_input(tokenizer, records: list[dict], tokens: int) -> tuple[str, list[dict]]:
+    """Articles joined until they reach `tokens` tokens; also the articles used."""
+    parts, used, n = [], [], 0
+    for r in records:
+        if r["metadata"]["split"] != "other" or len(r["text"].split()) < 40:
+            continue
+        part = f"{r['title']}\n{r['text']}"
+        parts.append(part)
+        used.append(r)
+        n += len(tokenizer(part + "\n\n", add_special_tokens=False)["input_ids"])
+        if n >= tokens:
+            return "\n\n".join(parts), used
+    raise ValueError(f"the corpus holds fewer than {tokens} tokens of long articles")
+
+
+def _speculative(target_dir: Path, drafter_dir: Path, retriever, records: list[dict], context_tokens: int,
+                 prompts: int, new_tokens: int, gamma: int, eta: float, repeats: int) -> dict:
+    from rag.lm import load_causal_lm
+    from rag.speculative import SpeculativeConfig, SpeculativeRAG
+
+    target, tokenizer = load_causal_lm(target_dir)
+    drafter, _ = load_causal_lm(drafter_dir)
+    context, used = _long_input(tokenizer, records, context_tokens)
+    picks = [used[int(i * (len(used) - 1) / max(1, prompts - 1))] for i in range(prompts)]
+    cases = [f"{r['title']}\n{' '.join(r['text'].split()[:8])}" for r in picks]
+    rows = []
+    for eta_value in sorted({0.0, eta}):
+        cfg = SpeculativeConfig(gamma=gamma, eta=eta_value, max_new_tokens=new_tokens, k=8,
+                                draft_context_tokens=768)
+        spec = SpeculativeRAG(target, drafter, tokenizer, retriever, cfg)
+        for prompt in cases:
+            base_t, spec_t, base_dec, spec_dec = [], [], [], []
+            for _ in range(repeats):  # interleaved, so load on the machine hits both alike
+                b = spec.generate(prompt, context, baseline=True, stop_at_eos=False)
+                s = spec.generate(prompt, context, stop_at_eos=False)
+                base_t.append(b.stats.prefill_seconds + b.stats.decode_seconds)
+                spec_t.append(s.stats.prefill_seconds + s.stats.decode_seconds)
+                base_dec.append(b.stats.decode_seconds / b.stats.new_tokens)
+                spec_dec.append(s.stats.decode_seconds / s.stats.new_tokens)
+            rows.append({"eta": eta_value, "prompt": prompt, "target_context": s.stats.target_context,
+                         "draft_context": s.stats.draft_context,
+                         "acceptance_rate": round(s.stats.acceptance_rate, 3),
+                         "tokens_per_step": round(s.stats.tokens_per_step, 3),
+                         "same_text_as_target": s.token_ids == b.token_ids,
+                         "speedup_total": round(statistics.median(base_t) / statistics.median(spec_t), 3),
+                         "speedup_decode": round(statistics.median(base_dec) / statistics.median(spec_dec),
+                                                 3),
+                         "target_only_decode_tok_s": round(1 / statistics.median(base_dec), 2),
+                         "speculative_decode_tok_s": round(1 / statistics.median(spec_dec), 2),
+                         "retrieval_seconds": round(s.stats.retrieval_seconds, 3),
+                         "speculative_text": s.text[:160], "target_text": b.text[:160]})
+    return {"cases": rows, "context_articles": len(used), "gamma": gamma, "new_tokens": new_tokens,
+            "repeats": repeats}
+
+
+@click.command()
+@click.option("--out", default="runs/rag", show_default=True, type=click.Path(path_type=Path))
+@click.option("--docs", default=4000, show_default=True, help="Articles of the default corpus used.")
+@click.option("--eval-docs", default=150, show_default=True, help="Articles whose tail is held out.")
+@click.option("--min-words", default=110, show_default=True)
+@click.option("--lead-words", default=40, show_default=True,
+              help="Words of a held-out article kept as its neighbour.")
+@click.option("--chunk-words", default=64, show_default=True)
+@click.option("--target-minutes", default=5.0, show_default=True)
+@click.option("--drafter-minutes", default=2.0, show_default=True)
+@click.option("--window", default=128, show_default=True)
+@click.option("--stride", default=64, show_default=True)
+@click.option("-k", "k", default=3, show_default=True)
+@click.option("--context-budget", default=256, show_default=True, help="Tokens of passages per window.")
+@click.option("--context-tokens", default=4096, show_default=True)
+@click.option("--prompts", default=3, show_default=True)
+@click.option("--new-tokens", default=64, show_default=True)
+@click.option("--gamma", default=4, show_default=True)
+@click.option("--eta", default=0.5, show_default=True, help="Also run RAPID's augmented target at this eta.")
+@click.option("--repeats", default=3, show_default=True)
+@click.option("--skip-speculative", is_flag=True)
+@click.option("--threads", default=1, show_default=True,
+              help="torch threads (1 beats 2 for these tiny models, and is steadier on a shared machine).")
+@click.option("--seed", default=0, show_default=True)
+def main(out, docs, eval_docs, min_words, lead_words, chunk_words, target_minutes, drafter_minutes, window,
+         stride, k, context_budget, context_tokens, prompts, new_tokens, gamma, eta, repeats, skip_speculative, threads,
+         seed) -> None:
+    """Perplexity with vs without retrieval and SpeculativeRAG speed at long context."""
+    import torch
+
+    from rag.lm import RALMConfig, RetrievalAugmentedLM, load_causal_lm
+    from rag.retriever import Retriever, RetrieverConfig
+
+    torch.set_num_threads(threads)
+
+    def log(msg: str) -> None:
+        click.echo(f"[{time.strftime('%H:%M:%S')}] {msg}", err=True)
+
+    t0 = time.perf_counter()
+    records, heldout = split_corpus(docs, eval_docs, min_words, lead_words, seed)
+    texts = [f"{r['title']}\n{r['text']}" for r in records]
+    target_cfg = TinyLMConfig(layers=4, hidden=256, heads=4, minutes=target_minutes, seed=seed)
+    drafter_cfg = TinyLMConfig(layers=2, hidden=128, heads=2, minutes=drafter_minutes, seed=seed)
+    models = _train_models(out / "models", texts, target_cfg, drafter_cfg, log)
+    log("building the datastore")
+    ds = _build_datastore(out / "ds", records, chunk_words)
+    report: dict = {"split": {"docs": len(records), "heldout_texts": len(heldout), "lead_words": lead_words},
+                    "models": {n: {key: m[key] for key in ("parameters", "steps", "tokens", "seconds",
+                                                            "final_loss")}
+                               for n, m in models.items()},
+                    "datastore": ds}
+    with Retriever(out / "ds", RetrieverConfig(k=k)) as retriever:
+        log("perplexity")
+        model, tokenizer = load_causal_lm(out / "models" / "target")
+        lm = RetrievalAugmentedLM(model, tokenizer, retriever, RALMConfig(k=k, max_context_tokens=context_budget))
+        report["perplexity"] = {"window": window, "stride": stride, "k": k, "context_budget": context_budget,
+                                **_perplexity(lm, retriever, heldout, window, stride)}
+        if not skip_speculative:
+            log("speculative decoding")
+            models_dir = out / "models"
+            report["speculative"] = _speculative(models_dir / "target", models_dir / "drafter", retriever,
+                                                 records, context_tokens, prompts, new_tokens, gamma, eta,
+                                                 repeats)
+    report["threads"] = threads
+    report["seconds"] = round(time.perf_counter() - t0, 1)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+    click.echo(json.dumps(report))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

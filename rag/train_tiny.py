@@ -1,0 +1,225 @@
+"""Train a small causal LM on text in minutes on a CPU: no model ships offline, and the RAG
+benchmark needs one that has seen the corpus.
+
+A byte-level BPE tokenizer is trained on the texts (seconds), then a Bloom-style model is
+trained on the texts packed into fixed-length rows, documents separated by <|endoftext|>.
+Bloom's ALiBi positions are why: trained on short rows, it still reads inputs many times
+longer (RAPID's long contexts), where rotary models fall apart past their training length. The wall
+budget fixes the number of steps after three timed steps; `--steps` fixes it outright for
+a run that repeats exactly. The result is a `save_pretrained` directory that
+`rag.lm.load_causal_lm` (and any transformers user) reads.
+
+    python -m rag.train_tiny --out runs/rag/tiny-lm --docs 2000 --minutes 3
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import click
+import torch
+
+EOS = "<|endoftext|>"
+
+
+@dataclass(frozen=True)
+class TinyLMConfig:
+    """Model shape and training budget."""
+
+    layers: int = 4
+    hidden: int = 256
+    heads: int = 4
+    vocab_size: int = 4096
+    seq_len: int = 256
+    batch_size: int = 16
+    lr: float = 2e-3
+    warmup_steps: int = 20
+    #: Wall-clock budget; the step count follows from the speed of the first steps.
+    minutes: float = 4.0
+    #: Exact number of steps (overrides `minutes`), for runs that repeat exactly.
+    steps: int | None = None
+    #: Share of rows whose second half repeats their first: teaches in-context copying
+    #: (induction), which a few minutes of plain text do not, and which retrieval needs.
+    repeat_fraction: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("layers", "hidden", "heads", "seq_len", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.hidden % self.heads:
+            raise ValueError(f"hidden must be a multiple of heads ({self.heads}), got {self.hidden}")
+        if self.vocab_size < 260:
+            raise ValueError(f"vocab_size must be >= 260 (bytes + specials), got {self.vocab_size}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.minutes <= 0:
+            raise ValueError(f"minutes must be > 0, got {self.minutes}")
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if not 0.0 <= self.repeat_fraction <= 1.0:
+            raise ValueError(f"repeat_fraction must be in [0, 1], got {self.repeat_fraction}")
+
+
+@dataclass
+class TrainSummary:
+    steps: int
+    tokens: int
+    seconds: float
+    first_loss: float
+    final_loss: float
+    parameters: int
+    out: str
+
+
+def train_tokenizer(texts: Sequence[str], vocab_size: int):
+    """A byte-level BPE tokenizer (any text encodes; decode inverts encode), EOS as BOS/pad."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOS, eos_token=EOS, pad_token=EOS)
+
+
+def build_model(cfg: TinyLMConfig, vocab_size: int, eos_id: int):
+    """A freshly initialised Bloom-style (ALiBi) causal LM of the configured shape."""
+    from transformers import BloomConfig, BloomForCausalLM
+
+    torch.manual_seed(cfg.seed)
+    config = BloomConfig(vocab_size=vocab_size, hidden_size=cfg.hidden, n_layer=cfg.layers, n_head=cfg.heads,
+                         bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id)
+    return BloomForCausalLM(config)
+
+
+def pack(tokenizer, texts: Sequence[str], seq_len: int) -> torch.Tensor:
+    """Texts joined by EOS and cut into rows of seq_len + 1 tokens (inputs and shifted labels)."""
+    eos = tokenizer.eos_token_id
+    stream: list[int] = []
+    for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]:
+        stream += ids + [eos]
+    rows = len(stream) // (seq_len + 1)
+    if rows == 0:
+        raise ValueError(f"texts hold {len(stream)} tokens, fewer than one row of {seq_len + 1}")
+    return torch.tensor(stream[:rows * (seq_len + 1)]).view(rows, seq_len + 1)
+
+
+def add_repeats(data: torch.Tensor, fraction: float, generator: torch.Generator) -> torch.Tensor:
+    """A copy of `data` where `fraction` of the rows (chosen at random) are their first half
+    followed by that half again."""
+    out = data.clone()
+    width = data.shape[1]
+    half = (width + 1) // 2
+    for row in torch.randperm(len(data), generator=generator)[:round(fraction * len(data))]:
+        out[row, half:] = data[row, :width - half]
+    return out
+
+
+def train(texts: Sequence[str], cfg: TinyLMConfig, out: Path, tokenizer=None,
+          log: Callable[[str], None] = print) -> TrainSummary:
+    """Train on `texts` (a new tokenizer unless one is given) and save model + tokenizer to `out`."""
+    t_start = time.perf_counter()
+    tokenizer = tokenizer or train_tokenizer(texts, cfg.vocab_size)
+    data = pack(tokenizer, texts, cfg.seq_len)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    if cfg.repeat_fraction:
+        data = add_repeats(data, cfg.repeat_fraction, gen)
+    model = build_model(cfg, len(tokenizer), tokenizer.eos_token_id)
+    params = sum(p.numel() for p in model.parameters())
+    log(f"{params / 1e6:.1f}M parameters, {data.numel():,} tokens in {len(data)} rows")
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.1)
+    order = torch.randperm(len(data), generator=gen)
+    total = cfg.steps or 10**9
+    step, cursor, first, loss_ema = 0, 0, float("nan"), float("nan")
+    model.train()
+    t_train = time.perf_counter()
+    while step < total:
+        if cursor + cfg.batch_size > len(order):
+            order, cursor = torch.randperm(len(data), generator=gen), 0
+        batch = data[order[cursor:cursor + cfg.batch_size]]
+        cursor += cfg.batch_size
+        scale = min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+        if cfg.steps is not None or step >= 3:
+            scale *= 0.5 * (1 + math.cos(math.pi * min(1.0, step / total)))
+        for group in opt.param_groups:
+            group["lr"] = cfg.lr * scale
+        loss = _loss(model, batch)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        value = loss.item()
+        first = value if step == 1 else first
+        loss_ema = value if step == 1 else 0.9 * loss_ema + 0.1 * value
+        if cfg.steps is None and step == 3:  # the budget becomes a step count
+            per_step = (time.perf_counter() - t_train) / 3
+            total = max(4, int(cfg.minutes * 60 / per_step))
+            log(f"{per_step:.2f} s/step: {total} steps in {cfg.minutes:g} min")
+        if step % 25 == 0 or step == total:
+            log(f"step {step}/{total} loss {loss_ema:.3f}")
+    model.eval()
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # the log lines above are the progress
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    summary = TrainSummary(step, step * cfg.batch_size * cfg.seq_len, time.perf_counter() - t_start, first,
+                           loss_ema, params, str(out))
+    (out / "train_summary.json").write_text(json.dumps({"config": asdict(cfg), **asdict(summary)}, indent=1))
+    return summary
+
+
+def _loss(model, batch: torch.Tensor) -> torch.Tensor:
+    logits = model(input_ids=batch[:, :-1]).logits
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+
+
+def corpus_texts(docs: int | None) -> list[str]:
+    """Articles of the default corpus as "title\\ntext", the layout retrieved passages have."""
+    from datastore.corpus import iter_default_corpus
+
+    return [f"{a.title}\n{a.text}" for a in iter_default_corpus(docs) if a.text.strip()]
+
+
+@click.command()
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Directory to save to.")
+@click.option("--docs", type=int, default=None, help="First N articles of the default corpus [all].")
+@click.option("--layers", default=4, show_default=True)
+@click.option("--hidden", default=256, show_default=True)
+@click.option("--heads", default=4, show_default=True)
+@click.option("--vocab-size", default=4096, show_default=True)
+@click.option("--seq-len", default=256, show_default=True)
+@click.option("--batch-size", default=16, show_default=True)
+@click.option("--lr", default=2e-3, show_default=True)
+@click.option("--minutes", default=4.0, show_default=True, help="Wall budget (sets the step count).")
+@click.option("--steps", type=int, default=None, help="Exact step count instead of a budget.")
+@click.option("--threads", type=int, default=None, help="torch threads [torch's default].")
+@click.option("--seed", default=0, show_default=True)
+def main(out, docs, layers, hidden, heads, vocab_size, seq_len, batch_size, lr, minutes, steps, threads,
+         seed) -> None:
+    """Train a tiny Bloom-style LM on the default corpus and save it to OUT."""
+    if threads:
+        torch.set_num_threads(threads)
+    cfg = TinyLMConfig(layers=layers, hidden=hidden, heads=heads, vocab_size=vocab_size, seq_len=seq_len,
+                       batch_size=batch_size, lr=lr, minutes=minutes, steps=steps, seed=seed)
+    summary = train(corpus_texts(docs), cfg, out, log=lambda m: click.echo(m, err=True))
+    click.echo(json.dumps(asdict(summary)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
