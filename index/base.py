@@ -100,6 +100,14 @@ class VectorIndex(Protocol):
     def __len__(self) -> int: ...
 
 
+def check_dim_metric(dim: int, metric: str) -> None:
+    """The constructor check every kind shares."""
+    if dim <= 0:
+        raise ValueError(f"dim must be positive, got {dim}")
+    if metric not in METRICS:
+        raise ValueError(f"metric must be 'ip' or 'l2', got {metric!r}")
+
+
 def check_vectors(vectors: np.ndarray, dim: int, name: str = "vectors") -> np.ndarray:
     """A float32 C-contiguous (n, dim) view of `vectors`, or ValueError saying what is wrong."""
     vectors = np.asarray(vectors)

@@ -29,7 +29,8 @@ import faiss
 import numpy as np
 
 from index import sdc
-from index.base import MISSING_ID, IndexStats, Metric, SearchParams, SearchResult, check_ids, check_vectors
+from index.base import (MISSING_ID, IndexStats, Metric, SearchParams, SearchResult, check_dim_metric, check_ids,
+                        check_vectors)
 from index.binarizer_config import BinarizerConfig
 from index.kmeans import balanced_kmeans
 from index.storage import BlobStore, LmdbBlobStore
@@ -147,10 +148,7 @@ class BinaryIndex:
     config_class = BinaryConfig
 
     def __init__(self, dim: int, metric: Metric = "ip", storage: BlobStore | None = None, **config) -> None:
-        if dim <= 0:
-            raise ValueError(f"dim must be positive, got {dim}")
-        if metric not in ("ip", "l2"):
-            raise ValueError(f"metric must be 'ip' or 'l2', got {metric!r}")
+        check_dim_metric(dim, metric)
         self.dim, self.metric = dim, metric
         self.config = BinaryConfig(**config)
         self.m, _ = self.config.binarizer_config().dims_for(dim)

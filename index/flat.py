@@ -14,6 +14,7 @@ import faiss
 import numpy as np
 
 from index.base import (
+    check_dim_metric,
     MISSING_ID,
     IndexStats,
     Metric,
@@ -34,10 +35,7 @@ class FlatIndex:
     kind = "flat"
 
     def __init__(self, dim: int, metric: Metric = "ip") -> None:
-        if dim <= 0:
-            raise ValueError(f"dim must be positive, got {dim}")
-        if metric not in ("ip", "l2"):
-            raise ValueError(f"metric must be 'ip' or 'l2', got {metric!r}")
+        check_dim_metric(dim, metric)
         self.dim = dim
         self.metric: Metric = metric
         base = faiss.IndexFlatIP(dim) if metric == "ip" else faiss.IndexFlatL2(dim)

@@ -26,13 +26,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable, Literal, Sequence
 
-import faiss
 import numpy as np
 
 from index import postings as codec
-from index.base import MISSING_ID, IndexStats, Metric, SearchParams, SearchResult, check_ids, check_vectors
+from index.base import (MISSING_ID, IndexStats, Metric, SearchParams, SearchResult, check_dim_metric, check_ids,
+                        check_vectors)
 from index.kmeans import balanced_kmeans, hierarchical_heads, squared_distances
 from index.postings import Posting
+from index.spann_heads import HeadIndex
 from index.storage import BlobStore, LmdbBlobStore
 
 STATE_FILE = "spann.json"
@@ -93,72 +94,6 @@ class SpannConfig:
             raise ValueError(f"SpannConfig: invalid {', '.join(f'{k}={getattr(self, k)!r}' for k in bad)}")
 
 
-class _Heads:
-    """Head centroids by head id, and a faiss index over the live ones (squared L2)."""
-
-    def __init__(self, dim: int, config: SpannConfig) -> None:
-        self.dim, self.config = dim, config
-        self.vectors = np.zeros((0, dim), np.float32)
-        self.alive = np.zeros(0, bool)
-        self._dead_in_index: set[int] = set()
-        self._index = None
-        self._hnsw = False
-
-    def reset(self, vectors: np.ndarray, alive: np.ndarray | None = None) -> None:
-        self.vectors = np.ascontiguousarray(vectors, np.float32)
-        self.alive = np.ones(len(vectors), bool) if alive is None else alive.copy()
-        self._rebuild()
-
-    def _rebuild(self) -> None:
-        live = np.flatnonzero(self.alive)
-        self._hnsw = len(live) > self.config.hnsw_threshold
-        if self._hnsw:
-            inner = faiss.IndexHNSWFlat(self.dim, self.config.hnsw_m)
-            inner.hnsw.efConstruction = 80
-        else:
-            inner = faiss.IndexFlatL2(self.dim)
-        self._index = faiss.IndexIDMap2(inner)
-        if len(live):
-            self._index.add_with_ids(self.vectors[live], live.astype(np.int64))
-        self._dead_in_index = set()
-
-    @property
-    def count(self) -> int:
-        return int(self.alive.sum())
-
-    def add(self, vectors: np.ndarray) -> np.ndarray:
-        ids = np.arange(len(self.vectors), len(self.vectors) + len(vectors), dtype=np.int64)
-        self.vectors = np.concatenate([self.vectors, vectors.astype(np.float32)])
-        self.alive = np.concatenate([self.alive, np.ones(len(vectors), bool)])
-        self._index.add_with_ids(np.ascontiguousarray(vectors, np.float32), ids)
-        return ids
-
-    def remove(self, head: int) -> None:
-        self.alive[head] = False
-        if self._hnsw:  # HNSW cannot delete: mask until the next rebuild
-            self._dead_in_index.add(int(head))
-            if len(self._dead_in_index) > 0.1 * max(1, self.count):
-                self._rebuild()
-        else:
-            self._index.remove_ids(np.array([head], np.int64))
-
-    def search(self, queries: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-        n = max(1, min(n, self.count))
-        params = None
-        if self._hnsw:
-            sel = None
-            if self._dead_in_index:
-                sel = faiss.IDSelectorNot(faiss.IDSelectorBatch(np.fromiter(self._dead_in_index, np.int64)))
-            params = faiss.SearchParametersHNSW(efSearch=max(64, 2 * n))
-            if sel is not None:
-                params.sel = sel  # `sel` stays referenced here until the search returns
-        return self._index.search(np.ascontiguousarray(queries, np.float32), n, params=params)
-
-    def memory_bytes(self) -> int:
-        graph = self.count * self.config.hnsw_m * 2 * 4 if self._hnsw else 0
-        return self.vectors.nbytes + self.alive.nbytes + graph + len(self.vectors) * 8
-
-
 class SpannIndex:
     """The SPANN memory/disk index over a BlobStore of posting lists."""
 
@@ -167,18 +102,15 @@ class SpannIndex:
     config_class = SpannConfig
 
     def __init__(self, dim: int, metric: Metric = "ip", storage: BlobStore | None = None, **config) -> None:
-        if dim <= 0:
-            raise ValueError(f"dim must be positive, got {dim}")
-        if metric not in ("ip", "l2"):
-            raise ValueError(f"metric must be 'ip' or 'l2', got {metric!r}")
+        check_dim_metric(dim, metric)
         self.dim, self.metric = dim, metric
-        self.config = config if isinstance(config, SpannConfig) else SpannConfig(**config)
+        self.config = SpannConfig(**config)
         self._scratch: Path | None = None
         if storage is None:  # standalone use (tests, benchmarks): a private LMDB
             self._scratch = Path(tempfile.mkdtemp(prefix="spann-"))
             storage = LmdbBlobStore.open(self._scratch / POSTINGS_DIR)
         self.store = storage
-        self.heads = _Heads(dim, self.config)
+        self.heads = HeadIndex(dim, self.config.hnsw_threshold, self.config.hnsw_m)
         self.max_posting = self.config.max_posting
         self._versions: dict[int, int] = {}
         self._deleted: set[int] = set()
