@@ -113,20 +113,18 @@ def query_tenants(queries: np.ndarray, indptr: np.ndarray, indices: np.ndarray, 
     n = len(indptr) - 1
     size = np.bincount(indices, minlength=n_tenants)
     bucket = size_bucket(size / n)
-    present = [b for b in range(len(SIZE_EDGES) - 1) if (bucket == b).any() and (size[bucket == b] > 0).any()]
-    members = {b: np.flatnonzero((bucket == b) & (size > 0)) for b in present}
-    local = None
+    members = {b: np.flatnonzero((bucket == b) & (size > 0)) for b in range(len(SIZE_EDGES) - 1)}
+    present = [b for b, m in members.items() if len(m)]
     if near is not None:
         leaf, tree = near
         top = tree.ancestors[:, min(1, tree.levels - 1)]
         owner_region = top[leaf[np.repeat(np.arange(n), np.diff(indptr))]]
-        local = np.unique(np.stack([owner_region, indices], 1), axis=0, return_counts=True)
+        pairs, counts = np.unique(np.stack([owner_region, indices], 1), axis=0, return_counts=True)
         query_region = top[tree.assign(queries)]
     out = np.empty(len(queries), np.int64)
     for q in range(len(queries)):
         b = present[q % len(present)]
-        if local is not None:
-            (pairs, counts) = local
+        if near is not None:
             lo, hi = np.searchsorted(pairs[:, 0], [query_region[q], query_region[q] + 1])
             cand, weight = pairs[lo:hi, 1], counts[lo:hi]
             ok = bucket[cand] == b

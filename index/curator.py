@@ -16,9 +16,11 @@
   holds t, and collects t's shortlists as buckets. A best-first walk pops buckets in order of
   their path-max distance (the largest query-to-centroid distance on the way from the root),
   so buckets are taken in that order until `candidate_budget` vectors, and those beyond
-  (1 + prune_epsilon) x the nearest bucket's distance are skipped, as SPANN's eps2 does. The
-  walk is query-independent and cached per tenant, so a batch shares it and the per-query part
-  is a few matrix products.
+  (1 + prune_epsilon) x the nearest bucket of their level are skipped, as SPANN's eps2 does.
+  The walk is query-independent and cached per tenant, so a batch shares it and the
+  per-query part is a few matrix products; a tenant whose vectors fit the budget is scanned
+  whole (exactly). Tree distances are L2 (as SPANN's heads): for "ip" on vectors of unequal
+  norms the tree is the usual IVF approximation.
 - Access is exact: candidates only ever come from the caller's shortlists and the public ones,
   which updates maintain exactly; a Bloom filter that lies only costs a wasted step.
 """
@@ -34,8 +36,8 @@ from typing import Iterable, Sequence
 import faiss
 import numpy as np
 
-from index.base import (MISSING_ID, IndexStats, Metric, SearchParams, SearchResult, check_ids, check_vectors,
-                        dir_size)
+from index.base import (MISSING_ID, IndexStats, Metric, SearchParams, SearchResult, check_dim_metric, check_ids,
+                        check_vectors, dir_size)
 from index.cluster_tree import ClusterTree
 from index.idmap import IdMap
 from index.tenant_tree import TenantTrees
@@ -137,10 +139,7 @@ class CuratorIndex:
     config_class = CuratorConfig
 
     def __init__(self, dim: int, metric: Metric = "ip", **config) -> None:
-        if dim <= 0:
-            raise ValueError(f"dim must be positive, got {dim}")
-        if metric not in ("ip", "l2"):
-            raise ValueError(f"metric must be 'ip' or 'l2', got {metric!r}")
+        check_dim_metric(dim, metric)
         self.dim, self.metric = dim, metric
         self.config = CuratorConfig(**config)
         self._lock = threading.RLock()
@@ -156,8 +155,10 @@ class CuratorIndex:
         self._keys: dict[str, int] = {}
         self._vectors = np.zeros((0, self.dim), np.float32)
         self._ids = np.zeros(0, np.int64)  # row -> id, -1 for a free row
-        self._leaf = np.zeros(0, np.int32)
-        self._acl = np.zeros((0, ACL_WIDTH), np.int32)  # row -> filter keys, -1 padded
+        # the narrowest ints that hold node ids and filter keys: with float32 vectors of 50-d, each
+        # byte per row here is 0.5% of the index
+        self._leaf = np.zeros(0, np.int16 if tree is None or tree.n_nodes < 2**15 else np.int32)
+        self._acl = np.zeros((0, ACL_WIDTH), np.int16)  # row -> filter keys, -1 padded; widened when needed
         self._acl_extra: dict[int, set[int]] = {}
         self._rows_used = 0
         self._free: list[int] = []
@@ -232,6 +233,8 @@ class CuratorIndex:
         if key is None:
             key = self._keys[name] = len(self._names)
             self._names.append(name)
+            if key > np.iinfo(self._acl.dtype).max:
+                self._acl = self._acl.astype(np.int32)
         return key
 
     def _alloc(self, n: int) -> np.ndarray:
@@ -243,8 +246,8 @@ class CuratorIndex:
             grow = cap - len(self._ids)
             self._vectors = np.concatenate([self._vectors, np.zeros((grow, self.dim), np.float32)])
             self._ids = np.concatenate([self._ids, np.full(grow, -1, np.int64)])
-            self._leaf = np.concatenate([self._leaf, np.zeros(grow, np.int32)])
-            self._acl = np.concatenate([self._acl, np.full((grow, ACL_WIDTH), -1, np.int32)])
+            self._leaf = np.concatenate([self._leaf, np.zeros(grow, self._leaf.dtype)])
+            self._acl = np.concatenate([self._acl, np.full((grow, ACL_WIDTH), -1, self._acl.dtype)])
         return np.concatenate([np.asarray(reused, np.int64), fresh]).astype(np.int64)
 
     # -- access table ----------------------------------------------------------------------------
@@ -290,6 +293,8 @@ class CuratorIndex:
         (name,) = self._check_names([tenant], 0)
         with self._lock:
             rows = self._rows_of(ids)
+            if not len(rows):
+                return 0
             key = self._key(name)
             changed = 0
             for row in rows.tolist():
@@ -309,8 +314,10 @@ class CuratorIndex:
         with self._lock:
             rows = self._rows_of(ids)
             key = self._keys.get(name)
+            if key is None or not len(rows):
+                return 0
             changed = 0
-            for row in rows.tolist() if key is not None else ():
+            for row in rows.tolist():
                 keys = self._acl_of(row)
                 if key not in keys:
                     continue
@@ -478,6 +485,7 @@ class CuratorIndex:
             n = self._rows_used
             arrays = {"vectors": self._vectors[:n], "ids": self._ids[:n], "leaf": self._leaf[:n],
                       "acl": self._acl[:n]}
+            arrays["idmap_ids"], arrays["idmap_rows"] = self._idmap.arrays()
             extra_rows = sorted(self._acl_extra)
             arrays["acl_extra_rows"] = np.asarray(extra_rows, np.int64)
             arrays["acl_extra_len"] = np.asarray([len(self._acl_extra[r]) for r in extra_rows], np.int64)
@@ -514,9 +522,8 @@ class CuratorIndex:
         n = len(a["ids"])
         index._vectors, index._ids, index._leaf, index._acl = a["vectors"], a["ids"], a["leaf"], a["acl"]
         index._rows_used = n
-        live = np.flatnonzero(index._ids >= 0)
         index._free = np.flatnonzero(index._ids < 0)[::-1].tolist()
-        index._idmap.put(index._ids[live], live)
+        index._idmap = IdMap.from_arrays(a["idmap_ids"], a["idmap_rows"])
         offsets = np.cumsum(a["acl_extra_len"])
         for row, keys in zip(a["acl_extra_rows"].tolist(), np.split(a["acl_extra_keys"], offsets[:-1])):
             index._acl_extra[row] = set(keys.tolist())

@@ -79,3 +79,16 @@ class IdMap:
         vals = np.concatenate([self._rows[live], recent_rows, rows])
         order = np.argsort(keys, kind="stable")
         self._keys, self._rows, self._recent = keys[order], vals[order], {}
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """(ids ascending, rows): the whole map, for saving."""
+        self._merge(np.zeros(0, np.int64), np.zeros(0, np.int32))
+        return self._keys, self._rows
+
+    @classmethod
+    def from_arrays(cls, ids: np.ndarray, rows: np.ndarray) -> "IdMap":
+        """The map `arrays()` returned: loads without sorting again."""
+        out = cls()
+        out._keys, out._rows = np.asarray(ids, np.int64), np.asarray(rows, np.int32)
+        out._count = len(out._keys)
+        return out

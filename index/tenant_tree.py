@@ -265,10 +265,10 @@ class TenantTrees:
     def restore(self, a: dict[str, np.ndarray]) -> None:
         """Refill from `arrays()` output (into a fresh instance over the same tree)."""
         self.bloom.words[:] = a["bloom"]
-        for node, key, rows in zip(a["list_node"].tolist(), a["list_key"].tolist(),
-                                   np.split(a["list_rows"], np.cumsum(a["list_len"])[:-1])):
+        rows, ends = a["list_rows"].astype(np.int32, copy=False), np.cumsum(a["list_len"]).tolist()
+        for node, key, start, end in zip(a["list_node"].tolist(), a["list_key"].tolist(), [0] + ends, ends):
             lst = array("i")
-            lst.frombytes(rows.astype(np.int32).tobytes())
+            lst.frombytes(rows[start:end].tobytes())
             self.lists[node][key] = lst
         for node, key, count in a["inner"].tolist():
             self.inner[node][key] = count

@@ -7,14 +7,15 @@
    on the training text only (rag.train_tiny).
 3. Build (once, cached under OUT/ds) a datastore of the training text (datastore.build).
 4. Perplexity of the held-out texts, MassiveDS windows, with the target LM: without
-   retrieval, with retrieval, and with retrieval that may not see the neighbours
-   (metadata filter `split=other`): the last shows what the neighbours bring.
+   retrieval, with retrieval, with retrieval that may not see the neighbours (metadata
+   filter `split=other`), and with the scored text itself in the prompt (how far the LM
+   uses its context at all: the ceiling of what retrieval can do for it).
 5. Speculative decoding at long context: a long input of corpus articles (>= `context_tokens`
    target tokens) and prompts that start one of its articles; target-only greedy decoding
    vs SpeculativeRAG (drafter fed by the long input's chunks through an ephemeral tenant),
-   interleaved runs, medians.
+   a fixed number of new tokens (EOS ignored), interleaved runs, medians.
 
-    python -m rag.bench_rag --out runs/rag            # trains ~8 min the first time
+    python -m rag.bench_rag --out runs/rag            # trains ~9 min the first time
 """
 
 from __future__ import annotations
@@ -94,7 +95,23 @@ def _perplexity(lm, retriever, heldout: list[str], window: int, stride: int) -> 
     retriever.config = RetrieverConfig(**{**asdict(base), "metadata_filter": {"split": "other"}})
     out["with_retrieval_no_neighbours"] = lm.perplexity(heldout, window, stride, retrieval=True).to_dict()
     retriever.config = base
+    out["with_the_scored_text_itself"] = _copy_check(lm, heldout, window, stride)
     return out
+
+
+def _copy_check(lm, heldout: list[str], window: int, stride: int) -> dict:
+    """Perplexity when the prompt holds the very tokens to be scored (a contaminated passage
+    on purpose): how far this LM can use its context at all, the ceiling of any retrieval."""
+    from rag.lm import ScoredInput, bos_ids, encode
+
+    sep = encode(lm.tokenizer, lm.config.separator)
+    head = bos_ids(lm.tokenizer)
+    inputs = []
+    for item in lm.window_inputs(heldout, window, stride, retrieval=False):
+        scored = [t for t in item.labels if t != -100]
+        inputs.append(ScoredInput(head + scored + sep + item.input_ids[len(head):],
+                                  [-100] * (len(head) + len(scored) + len(sep)) + item.labels[len(head):], 1))
+    return lm.score(inputs, retrieval=True).to_dict()
 
 
 def _long_input(tokenizer, records: list[dict], tokens: int) -> tuple[str, list[dict]]:
@@ -172,13 +189,14 @@ def _speculative(target_dir: Path, drafter_dir: Path, retriever, records: list[d
 @click.option("--gamma", default=4, show_default=True)
 @click.option("--eta", default=0.5, show_default=True, help="Also run RAPID's augmented target at this eta.")
 @click.option("--repeats", default=3, show_default=True)
+@click.option("--skip-perplexity", is_flag=True)
 @click.option("--skip-speculative", is_flag=True)
 @click.option("--threads", default=1, show_default=True,
               help="torch threads (1 beats 2 for these tiny models, and is steadier on a shared machine).")
 @click.option("--seed", default=0, show_default=True)
 def main(out, docs, eval_docs, min_words, lead_words, chunk_words, target_minutes, drafter_minutes, window,
-         stride, k, context_budget, context_tokens, prompts, new_tokens, gamma, eta, repeats, skip_speculative, threads,
-         seed) -> None:
+         stride, k, context_budget, context_tokens, prompts, new_tokens, gamma, eta, repeats,
+         skip_perplexity, skip_speculative, threads, seed) -> None:
     """Perplexity with vs without retrieval and SpeculativeRAG speed at long context."""
     import torch
 
@@ -204,11 +222,14 @@ def main(out, docs, eval_docs, min_words, lead_words, chunk_words, target_minute
                                for n, m in models.items()},
                     "datastore": ds}
     with Retriever(out / "ds", RetrieverConfig(k=k)) as retriever:
-        log("perplexity")
-        model, tokenizer = load_causal_lm(out / "models" / "target")
-        lm = RetrievalAugmentedLM(model, tokenizer, retriever, RALMConfig(k=k, max_context_tokens=context_budget))
-        report["perplexity"] = {"window": window, "stride": stride, "k": k, "context_budget": context_budget,
-                                **_perplexity(lm, retriever, heldout, window, stride)}
+        if not skip_perplexity:
+            log("perplexity")
+            model, tokenizer = load_causal_lm(out / "models" / "target")
+            lm = RetrievalAugmentedLM(model, tokenizer, retriever,
+                                      RALMConfig(k=k, max_context_tokens=context_budget))
+            report["perplexity"] = {"window": window, "stride": stride, "k": k,
+                                    "context_budget": context_budget,
+                                    **_perplexity(lm, retriever, heldout, window, stride)}
         if not skip_speculative:
             log("speculative decoding")
             models_dir = out / "models"
@@ -218,7 +239,7 @@ def main(out, docs, eval_docs, min_words, lead_words, chunk_words, target_minute
     report["threads"] = threads
     report["seconds"] = round(time.perf_counter() - t0, 1)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(report, indent=1))
+    (out / f"report-{context_tokens}.json").write_text(json.dumps(report, indent=1))
     click.echo(json.dumps(report))
 
 

@@ -194,11 +194,16 @@ class RetrievalAugmentedLM:
         return room if budget is None else min(room, budget)
 
     def _passages(self, queries: list[str], references: list[str | None]) -> list[list[str]]:
+        """Passage texts per query, best first; a blank query (a window of whitespace) gets none."""
         if self.retriever is None:
             raise ValueError("retrieval needs a retriever")
-        refs = references if self.config.decontaminate else None
-        rows = self.retriever.retrieve(queries, refs, k=self.config.k)
-        return [[hit_text(h) for h in row] for row in rows]
+        asked = [i for i, q in enumerate(queries) if q.strip()]
+        refs = [references[i] for i in asked] if self.config.decontaminate else None
+        rows = self.retriever.retrieve([queries[i] for i in asked], refs, k=self.config.k) if asked else []
+        out: list[list[str]] = [[] for _ in queries]
+        for i, row in zip(asked, rows):
+            out[i] = [hit_text(h) for h in row]
+        return out
 
     def window_inputs(self, texts: Sequence[str], window: int = 1024, stride: int = 512,
                       retrieval: bool = True) -> list[ScoredInput]:
@@ -230,7 +235,10 @@ class RetrievalAugmentedLM:
     def perplexity(self, texts: Sequence[str], window: int = 1024, stride: int = 512,
                    retrieval: bool = True) -> PerplexityResult:
         """MassiveDS perplexity over `texts`, with or without retrieved passages."""
-        inputs = self.window_inputs(texts, window, stride, retrieval)
+        return self.score(self.window_inputs(texts, window, stride, retrieval), retrieval)
+
+    def score(self, inputs: Sequence[ScoredInput], retrieval: bool) -> PerplexityResult:
+        """Perplexity of prepared inputs (from window_inputs, or built by hand for ablations)."""
         nll, tokens = 0.0, 0
         for start in range(0, len(inputs), self.config.batch_size):
             s, n = self._score(inputs[start:start + self.config.batch_size])
@@ -240,7 +248,7 @@ class RetrievalAugmentedLM:
                                 passages / len(inputs) if inputs else 0.0)
 
     @torch.no_grad()
-    def _score(self, batch: list[ScoredInput]) -> tuple[float, int]:
+    def _score(self, batch: Sequence[ScoredInput]) -> tuple[float, int]:
         """Summed NLL and count of the scored tokens of a batch of windows (right-padded)."""
         width = max(len(item.input_ids) for item in batch)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0

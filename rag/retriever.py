@@ -35,7 +35,7 @@ class RetrieverConfig:
     """How many passages, for whom, and which ones to drop before they reach the model."""
 
     k: int = 5
-    #: Hits asked of the datastore before filtering (default 3k, so drops leave k behind).
+    #: Hits asked of the datastore before filtering (default 3k, so that drops leave k).
     fetch_k: int | None = None
     tenant: str | None = None
     metadata_filter: dict[str, str] | None = None
@@ -65,10 +65,6 @@ class RetrieverConfig:
             raise ValueError(f"decontam_jaccard must be in [0, 1], got {self.decontam_jaccard}")
         if self.decontam_ngram < 1:
             raise ValueError(f"decontam_ngram must be >= 1, got {self.decontam_ngram}")
-
-    @property
-    def candidates(self) -> int:
-        return self.fetch_k if self.fetch_k is not None else 3 * self.k
 
 
 @dataclass
@@ -162,7 +158,7 @@ class Retriever:
         k = c.k if k is None else k
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
-        fetch = max(k, c.candidates)
+        fetch = max(k, c.fetch_k) if c.fetch_k is not None else 3 * k
         out: list[list[Hit]] = []
         for start in range(0, len(queries), c.batch_size):
             batch = list(queries[start:start + c.batch_size])

@@ -239,6 +239,16 @@ def test_allowed_ids_filter_inside_the_scan(built, data):
     assert recall(got, flat.search(q, 10, tenant="t0", allowed_ids=allowed).ids) == 1.0
 
 
+def test_more_tenants_than_a_narrow_table_holds():
+    x = np.random.default_rng(3).standard_normal((33_000, 4)).astype(np.float32)
+    ids = np.arange(len(x), dtype=np.int64)
+    index = build(ids, x, [[f"u{i}"] for i in range(len(x))])
+    for i in (0, 32_766, 32_767, 32_999):
+        got = index.search(x[i:i + 1], 3, tenant=f"u{i}").ids[0]
+        assert got[0] == i and (got[1:] == -1).all()
+    assert len(index.tenants()) == len(x)
+
+
 def test_upsert_replaces_vector_and_tenants(data):
     ids, x, _, _ = data
     index = build(ids[:500], x[:500], [["a"]] * 500)
@@ -294,7 +304,10 @@ def test_bad_input_is_refused_and_changes_nothing(data):
     assert len(index) == 100
 
 
-POOL_X, POOL_Q = (np.random.default_rng(7).standard_normal((n, 8)).astype(np.float32) for n in (120, 6))
+_RNG = np.random.default_rng(7)
+_CENTRES = _RNG.standard_normal((12, 8)).astype(np.float32) * 3
+POOL_X = (_CENTRES[np.arange(120) % 12] + _RNG.standard_normal((120, 8))).astype(np.float32)
+POOL_Q = (_CENTRES[:6] + _RNG.standard_normal((6, 8))).astype(np.float32)
 NAMES = ["a", "b", "c", "d"]
 
 

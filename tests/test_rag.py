@@ -19,10 +19,10 @@ from transformers.utils import logging as hf_logging
 from datastore.errors import InvalidArgument
 from datastore.records import Passage
 from rag import RetrievalAugmentedLM, Retriever, SpeculativeRAG
-from rag.lm import RALMConfig, Window, context_ids, encode, perplexity_windows
+from rag.lm import RALMConfig, Window, context_ids, encode, load_causal_lm, perplexity_windows
 from rag.retriever import Reference, RetrieverConfig
 from rag.speculative import SpeculativeConfig, augmented_probs
-from rag.train_tiny import train_tokenizer
+from rag.train_tiny import TinyLMConfig, add_repeats, pack, train, train_tokenizer
 
 hf_logging.set_verbosity_error()
 
@@ -204,12 +204,15 @@ def test_perplexity_prompt_layout(embedded, tokenizer, wiki_docs):
         best = embedded.retrieve([query], references=[tokenizer.decode(ids[w.score_begin:w.end])], k=2)[0][0]
         ctx = tokenizer.decode(item.input_ids[1:1 + n_ctx])
         assert ctx.rstrip().endswith(best.text.rstrip())  # best passage right before the query
+    blank = lm.window_inputs(["\n\n" * 80 + text], window=64, stride=32)  # whitespace queries ask nothing
+    assert blank[0].passages == 0 and blank[-1].passages >= 1
     plain = lm.window_inputs([text], window=64, stride=32, retrieval=False)
     assert [p.input_ids for p in plain] == [[tokenizer.bos_token_id] + ids[w.begin:w.end] for w in windows]
 
 
 def test_context_packing_keeps_the_best_whole_and_cuts_the_rest_from_the_left(tokenizer):
-    best, second, third = "Mona Lisa by Leonardo.", "A portrait in the Louvre museum of Paris.", "Oil on poplar."
+    best, second, third = ("Mona Lisa by Leonardo.", "A portrait in the Louvre museum of Paris.",
+                           "Oil on poplar.")
     sep = encode(tokenizer, "\n\n")
     whole = [encode(tokenizer, t) + sep for t in (best, second, third)]
     budget = len(whole[0]) + 3
@@ -351,6 +354,31 @@ def test_text_generation_with_ephemeral_chunks(server, tokenizer, wiki_docs):
     assert out.token_ids == base.token_ids and out.text == base.text
     assert out.stats.target_context > 3 * out.stats.draft_context > 0
     assert out.stats.retrieval_seconds > 0 and store.stats().passages == before
+
+
+def test_train_tiny_saves_a_bloom_model_that_decodes_exactly(tokenizer, wiki_docs, tmp_path):
+    """The benchmark's model family (ALiBi Bloom) through training, saving, loading and
+    speculative decoding against its own greedy generate()."""
+    texts = [d["text"] for d in wiki_docs[:20]]
+    rows = pack(tokenizer, texts, 32)
+    assert rows.shape[1] == 33 and (rows == tokenizer.eos_token_id).any()
+    repeated = add_repeats(rows, 0.5, torch.Generator().manual_seed(0))
+    same = (repeated[:, 17:] == repeated[:, :16]).all(dim=1)
+    assert int(same.sum()) >= len(rows) // 2 and torch.equal(repeated[~same], rows[~same])
+    with pytest.raises(ValueError, match="repeat_fraction"):
+        TinyLMConfig(repeat_fraction=2.0)
+    summary = train(texts, TinyLMConfig(layers=1, hidden=32, heads=1, seq_len=32, batch_size=4, steps=2),
+                    tmp_path / "lm", tokenizer=tokenizer, log=lambda m: None)
+    assert summary.steps == 2 and (tmp_path / "lm" / "train_summary.json").exists()
+    model, tok = load_causal_lm(tmp_path / "lm")
+    drafter = perturbed(model, 0.5, 1)
+    prompt = encode(tok, wiki_docs[0]["text"])[:30]
+    want = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, 30, dtype=torch.long),
+                          max_new_tokens=12, do_sample=False, pad_token_id=tok.eos_token_id,
+                          eos_token_id=None)[0, 30:].tolist()
+    got, _ = SpeculativeRAG(model, drafter, tok, config=SpeculativeConfig(gamma=3)).generate_ids(
+        prompt, prompt[-8:], max_new_tokens=12)
+    assert got == want
 
 
 # -- adapters and CLI -------------------------------------------------------------------------
