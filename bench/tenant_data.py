@@ -163,9 +163,9 @@ def prepare_tenants(cfg: TenantConfig) -> Path:
     else:
         order = rng.permutation(n)
     indptr, indices = deal_tenants(order, per_vector, sizes, rng)
-    q = queries if meta["metric"] != "cos" else queries / np.maximum(np.linalg.norm(queries, axis=1, keepdims=True),
-                                                                       1e-12)
-    qt = query_tenants(np.asarray(q, np.float32), indptr, indices, cfg.tenants, rng, near)
+    if meta["metric"] == "cos":
+        queries = queries / np.maximum(np.linalg.norm(queries, axis=1, keepdims=True), 1e-12)
+    qt = query_tenants(np.asarray(queries, np.float32), indptr, indices, cfg.tenants, rng, near)
 
     cfg.out.mkdir(parents=True, exist_ok=True)
     for name in ("base.npy", "queries.npy"):

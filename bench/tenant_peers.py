@@ -111,7 +111,8 @@ class PerTenantIVF(Adapter):
             names = json.loads(str(z["names"]))
             self._indexes = {name: faiss.deserialize_index(z[f"i{i}"]) for i, name in enumerate(names)}
 
-    def search(self, queries: np.ndarray, k: int, params: dict[str, Any], tenant: str | None = None) -> np.ndarray:
+    def search(self, queries: np.ndarray, k: int, params: dict[str, Any],
+               tenant: str | None = None) -> np.ndarray:
         faiss = _faiss()
         ivf_params = faiss.SearchParametersIVF(nprobe=int(params.get("nprobe", 8)))
         parts = []
@@ -191,7 +192,8 @@ class SharedIVFFilter(_FilteredShared):
             bits = np.bitwise_or.reduceat((1 << (rows & 7)).astype(np.uint8), first) if len(rows) else rows
             self._sparse[name] = (byte, bits.astype(np.uint8))
 
-    def search(self, queries: np.ndarray, k: int, params: dict[str, Any], tenant: str | None = None) -> np.ndarray:
+    def search(self, queries: np.ndarray, k: int, params: dict[str, Any],
+               tenant: str | None = None) -> np.ndarray:
         faiss = _faiss()
         self._bitmap[:] = 0
         for t in {PUBLIC, tenant} - {None}:
@@ -242,7 +244,8 @@ class HnswlibFilter(_FilteredShared):
         self._load_tenants(self._index.get_current_count())
         self._mask = np.zeros(self._n, bool)
 
-    def search(self, queries: np.ndarray, k: int, params: dict[str, Any], tenant: str | None = None) -> np.ndarray:
+    def search(self, queries: np.ndarray, k: int, params: dict[str, Any],
+               tenant: str | None = None) -> np.ndarray:
         visible = self._visible(tenant)
         kk = min(k, sum(len(v) for v in visible))
         if not kk:
@@ -251,7 +254,8 @@ class HnswlibFilter(_FilteredShared):
         for rows in visible:
             self._mask[rows] = True
         self._index.set_ef(max(kk, int(params.get("ef", 64))))
-        labels, _ = self._index.knn_query(queries, k=kk, num_threads=self.threads, filter=self._mask.__getitem__)
+        labels, _ = self._index.knn_query(queries, k=kk, num_threads=self.threads,
+                                          filter=self._mask.__getitem__)
         return pad_ids(labels.tolist(), k)
 
     def close(self) -> None:

@@ -65,12 +65,14 @@ class Buckets:
     def at_root(cls, tree: ClusterTree, rows: array) -> "Buckets":
         """A tenant whose vectors all sit in one list at the root: nothing to walk."""
         zero = np.zeros(1, np.int32)
-        return cls(zero.astype(np.int64), np.array([len(rows)], np.int64), np.frombuffer(rows, np.int32).copy(),
-                   np.zeros(0, np.int64), np.zeros((1, tree.levels - 1), np.int32), zero, zero)
+        return cls(zero.astype(np.int64), np.array([len(rows)], np.int64),
+                   np.frombuffer(rows, np.int32).copy(), np.zeros(0, np.int64),
+                   np.zeros((1, tree.levels - 1), np.int32), zero, zero)
 
     @property
     def nbytes(self) -> int:
-        arrays = (self.nodes, self.sizes, self.rows, self.path_nodes, self.path_index, self.own_index, self.levels)
+        arrays = (self.nodes, self.sizes, self.rows, self.path_nodes, self.path_index, self.own_index,
+                  self.levels)
         return sum(a.nbytes + ARRAY_OVERHEAD for a in arrays)
 
     def distances(self, queries: np.ndarray, tree: ClusterTree) -> tuple[np.ndarray, np.ndarray]:

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from index import SearchParams, create_index, load_index
-from index.curator import CuratorConfig, CuratorIndex
+from index.curator import CuratorConfig, CuratorIndex, select_buckets
 from index.registry import validate_params
 
 EXACT = SearchParams(candidate_budget=10**9, prune_epsilon=float("inf"))
@@ -228,6 +228,16 @@ def test_shortlist_splits_on_overflow_and_merges_when_shrinking(data):
     assert not lay.inner and set(lay.lists[0].tolist()) == set(solo[32:].tolist()), "8 <= 16/2 ids: one list"
     got = index.search(x[:40], 1, tenant="solo", params=EXACT).ids[:, 0]
     assert set(got.tolist()) <= set(solo[32:].tolist())
+
+
+def test_pruning_keeps_buckets_near_the_nearest_of_their_level():
+    walk = np.array([[1.0, 2.0, 3.0, 4.0, 5.0]])
+    own = np.array([[9.0, 1.0, 2.0, 5.0, 1.0]])  # buckets 0-2 on one level, 3-4 on the next
+    groups, sizes = np.array([0, 3]), np.array([10, 10, 10, 10, 10])
+    keep = select_buckets(walk, own, groups, sizes, budget=1000, epsilon=0.5)  # ratio 2.25 on squares
+    assert keep.tolist() == [[False, True, True, False, True]]
+    assert select_buckets(walk, own, groups, sizes, budget=25, epsilon=float("inf")).tolist() == \
+        [[True, True, True, False, False]], "the walk stops once the budget is collected"
 
 
 def test_allowed_ids_filter_inside_the_scan(built, data):
