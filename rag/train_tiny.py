@@ -44,9 +44,6 @@ class TinyLMConfig:
     minutes: float = 4.0
     #: Exact number of steps (overrides `minutes`), for runs that repeat exactly.
     steps: int | None = None
-    #: Share of rows whose second half repeats their first: teaches in-context copying
-    #: (induction), which a few minutes of plain text do not, and which retrieval needs.
-    repeat_fraction: float = 0.0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -65,8 +62,6 @@ class TinyLMConfig:
             raise ValueError(f"minutes must be > 0, got {self.minutes}")
         if self.steps is not None and self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
-        if not 0.0 <= self.repeat_fraction <= 1.0:
-            raise ValueError(f"repeat_fraction must be in [0, 1], got {self.repeat_fraction}")
 
 
 @dataclass
@@ -116,30 +111,17 @@ def pack(tokenizer, texts: Sequence[str], seq_len: int) -> torch.Tensor:
     return torch.tensor(stream[:rows * (seq_len + 1)]).view(rows, seq_len + 1)
 
 
-def add_repeats(data: torch.Tensor, fraction: float, generator: torch.Generator) -> torch.Tensor:
-    """A copy of `data` where `fraction` of the rows (chosen at random) are their first half
-    followed by that half again."""
-    out = data.clone()
-    width = data.shape[1]
-    half = (width + 1) // 2
-    for row in torch.randperm(len(data), generator=generator)[:round(fraction * len(data))]:
-        out[row, half:] = data[row, :width - half]
-    return out
-
-
 def train(texts: Sequence[str], cfg: TinyLMConfig, out: Path, tokenizer=None,
           log: Callable[[str], None] = print) -> TrainSummary:
     """Train on `texts` (a new tokenizer unless one is given) and save model + tokenizer to `out`."""
     t_start = time.perf_counter()
     tokenizer = tokenizer or train_tokenizer(texts, cfg.vocab_size)
     data = pack(tokenizer, texts, cfg.seq_len)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    if cfg.repeat_fraction:
-        data = add_repeats(data, cfg.repeat_fraction, gen)
     model = build_model(cfg, len(tokenizer), tokenizer.eos_token_id)
     params = sum(p.numel() for p in model.parameters())
     log(f"{params / 1e6:.1f}M parameters, {data.numel():,} tokens in {len(data)} rows")
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.1)
+    gen = torch.Generator().manual_seed(cfg.seed)
     order = torch.randperm(len(data), generator=gen)
     total = cfg.steps or 10**9
     step, cursor, first, loss_ema = 0, 0, float("nan"), float("nan")

@@ -22,7 +22,7 @@ from rag import RetrievalAugmentedLM, Retriever, SpeculativeRAG
 from rag.lm import RALMConfig, Window, context_ids, encode, load_causal_lm, perplexity_windows
 from rag.retriever import Reference, RetrieverConfig
 from rag.speculative import SpeculativeConfig, augmented_probs
-from rag.train_tiny import TinyLMConfig, add_repeats, pack, train, train_tokenizer
+from rag.train_tiny import TinyLMConfig, pack, train, train_tokenizer
 
 hf_logging.set_verbosity_error()
 
@@ -362,11 +362,8 @@ def test_train_tiny_saves_a_bloom_model_that_decodes_exactly(tokenizer, wiki_doc
     texts = [d["text"] for d in wiki_docs[:20]]
     rows = pack(tokenizer, texts, 32)
     assert rows.shape[1] == 33 and (rows == tokenizer.eos_token_id).any()
-    repeated = add_repeats(rows, 0.5, torch.Generator().manual_seed(0))
-    same = (repeated[:, 17:] == repeated[:, :16]).all(dim=1)
-    assert int(same.sum()) >= len(rows) // 2 and torch.equal(repeated[~same], rows[~same])
-    with pytest.raises(ValueError, match="repeat_fraction"):
-        TinyLMConfig(repeat_fraction=2.0)
+    with pytest.raises(ValueError, match="hidden"):
+        TinyLMConfig(hidden=30, heads=4)
     summary = train(texts, TinyLMConfig(layers=1, hidden=32, heads=1, seq_len=32, batch_size=4, steps=2),
                     tmp_path / "lm", tokenizer=tokenizer, log=lambda m: None)
     assert summary.steps == 2 and (tmp_path / "lm" / "train_summary.json").exists()
