@@ -60,6 +60,9 @@ class Manifest:
     complete: bool = False
     counts: dict[str, int] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
+    #: Other embedding models whose query vectors this datastore's index can search (binary
+    #: codes trained for cross-version compatibility): [{"name", "dim", "binarizer", ...}].
+    compat_models: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def shard_dirs(self) -> list[str]:

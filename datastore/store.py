@@ -197,10 +197,15 @@ class Datastore:
         if not isinstance(k, (int, np.integer)) or not 1 <= k <= self.limits.max_k:
             raise InvalidArgument.field("k", f"must be between 1 and {self.limits.max_k}, got {k}")
 
-    @staticmethod
-    def _check_params(params: SearchParams | None) -> None:
+    def _check_params(self, params: SearchParams | None) -> None:
         if params is None:
             return
+        if params.query_model is not None and params.query_model != self.manifest.model.name:
+            known = [m["name"] for m in self.manifest.compat_models]
+            if params.query_model not in known:
+                raise InvalidArgument.field("params.query_model",
+                                            f"this datastore answers queries of {[self.manifest.model.name, *known]}, "
+                                            f"not {params.query_model!r}")
         for name, value, low in (("nprobe", params.nprobe, 1), ("ef_search", params.ef_search, 1),
                                  ("candidate_budget", params.candidate_budget, 1),
                                  ("prune_epsilon", params.prune_epsilon, 0.0), ("oversample", params.oversample, 1.0)):

@@ -28,6 +28,8 @@ class SearchParams:
     ef_search: int | None = None
     oversample: float | None = None
     candidate_budget: int | None = None
+    #: Model the query vectors come from when not the datastore's own (see Manifest.compat_models).
+    query_model: str | None = None
 
 
 @dataclass

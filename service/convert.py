@@ -53,6 +53,7 @@ def params_from_pb(p: pb.SearchParams) -> SearchParams:
         ef_search=p.ef_search if p.HasField("ef_search") else None,
         oversample=p.oversample if p.HasField("oversample") else None,
         candidate_budget=p.candidate_budget if p.HasField("candidate_budget") else None,
+        query_model=p.query_model if p.HasField("query_model") else None,
     )
 
 

@@ -60,18 +60,20 @@ class Query(_message.Message):
     def __init__(self, text: _Optional[str] = ..., vector: _Optional[_Union[Vector, _Mapping]] = ...) -> None: ...
 
 class SearchParams(_message.Message):
-    __slots__ = ("nprobe", "prune_epsilon", "ef_search", "oversample", "candidate_budget")
+    __slots__ = ("nprobe", "prune_epsilon", "ef_search", "oversample", "candidate_budget", "query_model")
     NPROBE_FIELD_NUMBER: _ClassVar[int]
     PRUNE_EPSILON_FIELD_NUMBER: _ClassVar[int]
     EF_SEARCH_FIELD_NUMBER: _ClassVar[int]
     OVERSAMPLE_FIELD_NUMBER: _ClassVar[int]
     CANDIDATE_BUDGET_FIELD_NUMBER: _ClassVar[int]
+    QUERY_MODEL_FIELD_NUMBER: _ClassVar[int]
     nprobe: int
     prune_epsilon: float
     ef_search: int
     oversample: float
     candidate_budget: int
-    def __init__(self, nprobe: _Optional[int] = ..., prune_epsilon: _Optional[float] = ..., ef_search: _Optional[int] = ..., oversample: _Optional[float] = ..., candidate_budget: _Optional[int] = ...) -> None: ...
+    query_model: str
+    def __init__(self, nprobe: _Optional[int] = ..., prune_epsilon: _Optional[float] = ..., ef_search: _Optional[int] = ..., oversample: _Optional[float] = ..., candidate_budget: _Optional[int] = ..., query_model: _Optional[str] = ...) -> None: ...
 
 class SearchRequest(_message.Message):
     __slots__ = ("queries", "k", "tenant", "metadata_filter", "params", "include_text")
