@@ -4,8 +4,16 @@ per-shard latencies.
 
     python -m bench.router --shards 1 --shards 4 --shards 16 --clients 32 --seconds 10
 
-Prints one JSON line per configuration. All processes share this machine's cores, so the
-absolute numbers say little; the ratio router/in-process is the figure to read.
+Prints one JSON line per configuration. All processes (the load generator, the router, every
+shard server) share this machine's cores, so the absolute numbers say little; read the ratio
+router/in-process and the CPU milliseconds each role spends per query (load from other
+programs changes QPS, much less the CPU per query).
+
+The in-process baseline is `Datastore.search(..., include_text=False)` over all shards in the
+bench process: the same answer the router returns (ids, scores, titles), 32 client threads.
+`in_process_ids_only` is `search_vectors` (no passage fetch), a lower bound. The router is
+measured with its default batching (concurrent searches with the same options go to the
+shards as one batched Search) and with `--batch-in-flight 0` (one shard call per request).
 """
 
 from __future__ import annotations
@@ -39,6 +47,21 @@ def _dataset(directory: Path, n: int, dim: int, shards: int, seed: int) -> Path:
     build(BuildConfig([str(directory / "p.jsonl")], out, embeddings=directory / "v.npy", shards=shards,
                       vector_dtype="float32", dedup=DedupConfig(exact=False, near=False), progress=False))
     return out
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process has used so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _measured(pids: dict[str, list[int]], fn) -> tuple[dict, dict]:
+    """Run fn() (a _load) and the CPU ms per request each group of processes spent on it."""
+    before = {k: [_cpu_seconds(p) for p in v] for k, v in pids.items()}
+    result = fn()
+    cpu = {k: round(sum(_cpu_seconds(p) - b for p, b in zip(v, before[k])) * 1e3 / max(1, result["requests"]), 3)
+           for k, v in pids.items()}
+    return result, cpu
 
 
 def _spawn(args: list[str]) -> tuple[subprocess.Popen, str]:
@@ -87,8 +110,11 @@ def run_config(base: Path, shards: int, n: int, dim: int, clients: int, seconds:
 
     ds_dir = _dataset(base, n, dim, shards, seed=shards)
     queries = np.random.default_rng(99).standard_normal((512, dim)).astype(np.float32)
+    me = {"client": [os.getpid()]}
     with open_datastore(ds_dir) as ds:
-        local = _load(lambda q: ds.search_vectors(q[None, :], k), queries, clients, seconds)
+        local, local_cpu = _measured(me, lambda: _load(lambda q: ds.search([q], k, include_text=False), queries,
+                                                       clients, seconds))
+        ids_only = _load(lambda q: ds.search_vectors(q[None, :], k), queries, clients, seconds)
     procs = []
     try:
         addrs = []
@@ -96,12 +122,20 @@ def run_config(base: Path, shards: int, n: int, dim: int, clients: int, seconds:
             p, a = _spawn(["serve", str(ds_dir), "--shards", str(s)])
             procs.append(p)
             addrs.append(a)
-        router_args = ["serve", "--router"] + [x for a in addrs for x in ("--shard", a)]
-        p, router = _spawn(router_args)
-        procs.append(p)
-        with DatastoreClient(router) as client:
-            routed = _load(lambda q: client.search([q], k=k, include_text=False), queries, clients, seconds)
-            # per-shard latency distribution, for the fan-out simulation
+        shard_pids = [p.pid for p in procs]
+        routed, routed_cpu = {}, {}
+        for name, batch in (("router", 2), ("router_unbatched", 0)):
+            p, router = _spawn(["serve", "--router", "--batch-in-flight", str(batch)]
+                               + [x for a in addrs for x in ("--shard", a)])
+            procs.append(p)
+            with DatastoreClient(router) as client:
+                _load(lambda q: client.search([q], k=k, include_text=False), queries, clients, 1.0)  # warm up
+                routed[name], routed_cpu[name] = _measured(
+                    {"shards": shard_pids, "router": [p.pid], **me},
+                    lambda: _load(lambda q: client.search([q], k=k, include_text=False), queries, clients, seconds))
+            p.terminate()
+            p.wait(timeout=30)
+        # per-shard latency distribution, for the fan-out simulation
         with DatastoreClient(addrs[0]) as one:
             shard = _load(lambda q: one.search([q], k=k, include_text=False), queries, 1, min(seconds, 3.0))
             samples = []
@@ -111,12 +145,16 @@ def run_config(base: Path, shards: int, n: int, dim: int, clients: int, seconds:
                 samples.append((time.perf_counter() - t) * 1e3)
     finally:
         for p in procs:
-            p.terminate()
+            if p.poll() is None:
+                p.terminate()
         for p in procs:
             p.wait(timeout=30)
     return {"bench": "router", "shards": shards, "n": n, "dim": dim, "k": k, "clients": clients,
-            "in_process": local, "router": routed, "one_shard_direct": shard,
-            "router_over_in_process_qps": round(routed["qps"] / local["qps"], 3),
+            "loadavg_1m": round(os.getloadavg()[0], 2),
+            "in_process": local, "in_process_ids_only": ids_only, **routed, "one_shard_direct": shard,
+            "cpu_ms_per_query": {"in_process": local_cpu["client"], **routed_cpu},
+            "router_over_in_process_qps": round(routed["router"]["qps"] / local["qps"], 3),
+            "router_unbatched_over_in_process_qps": round(routed["router_unbatched"]["qps"] / local["qps"], 3),
             "shard_latency_ms": samples}
 
 
@@ -141,6 +179,9 @@ def simulate_fanout(samples_ms: list[float], shards: int, hop_ms: float, trials:
 @click.option("--hop-ms", default=0.3, show_default=True, help="Assumed network hop of the simulation.")
 def router(shard_counts, n, dim, clients, seconds, k, simulate, hop_ms) -> None:
     """Router vs in-process QPS and latency; prints one JSON line per configuration."""
+    # one faiss thread per search on both sides (as `datastore serve` does); the environment
+    # reaches every thread, omp_set_num_threads only the calling one
+    os.environ["OMP_NUM_THREADS"] = "1"
     import faiss
 
     faiss.omp_set_num_threads(1)  # as `datastore serve` does: parallelism comes from the clients

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 import numpy as np
@@ -18,7 +19,6 @@ from service.pb import datastore_pb2_grpc as pb_grpc
 from service.status import from_rpc_error
 
 
-
 @dataclass(frozen=True)
 class RemoteStats:
     passages: int
@@ -28,6 +28,8 @@ class RemoteStats:
     metric: str
     shards: list[dict[str, int]]
     manifest: dict[str, Any]
+    #: A router's replicas: address, shard_ids, healthy, stale (not read from) and why.
+    replicas: list[dict[str, Any]] = field(default_factory=list)
 
 
 class DatastoreClient:
@@ -49,7 +51,7 @@ class DatastoreClient:
         self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else None
         self._stub = pb_grpc.DatastoreStub(self._channel)
 
-    def __enter__(self) -> "DatastoreClient":
+    def __enter__(self) -> DatastoreClient:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -119,9 +121,11 @@ class DatastoreClient:
         r = self._call(self._stub.Stats, pb.StatsRequest(), timeout)
         return RemoteStats(r.passages, r.dim, r.model, r.index_kind, r.metric,
                            [{"shard_id": s.shard_id, "passages": s.passages, "disk_bytes": s.disk_bytes,
-                             "index_memory_bytes": s.index_memory_bytes, "index_disk_bytes": s.index_disk_bytes}
-                            for s in r.shards],
-                           json.loads(r.manifest_json) if r.manifest_json else {})
+                             "index_memory_bytes": s.index_memory_bytes, "index_disk_bytes": s.index_disk_bytes,
+                             "write_seq": s.write_seq} for s in r.shards],
+                           json.loads(r.manifest_json) if r.manifest_json else {},
+                           [{"address": x.address, "shard_ids": list(x.shard_ids), "healthy": x.healthy,
+                             "stale": x.stale, "reason": x.reason} for x in r.replicas])
 
 
 __all__ = ["DatastoreClient", "DatastoreError", "RemoteStats"]

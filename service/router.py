@@ -1,47 +1,93 @@
 """The router: one public Datastore API over shard servers, each with replicas.
 
 It embeds text queries once, fans a batch out to one replica of every shard server in
-parallel (gRPC futures, each with the remaining deadline), retries another replica on
-UNAVAILABLE or a missed per-shard deadline, and merges per-server top-k with the same
-merge as the embedded store. Replicas are health-checked in the background. When every
-replica of a server is down, the policy decides: fail with UNAVAILABLE (default) or
-answer from the rest and name the missing shards.
+parallel, retries another replica on UNAVAILABLE or a missed per-shard deadline (within
+the caller's deadline), optionally hedges a slow call to a second replica, and merges
+per-server top-k with the same merge as the embedded store. When every replica of a server
+is down, the policy decides: fail with UNAVAILABLE (default) or answer from the rest and
+name the missing shards.
 
-The Router offers the methods the servicer calls on an embedded Datastore, so one
-servicer serves both roles.
+Calls to shard servers run on grpc.aio channels in one asyncio loop thread (a request's
+fan-out is a few coroutines, not a thread per shard call; hedging and cancellation come
+with it); the servicer's worker thread hands a request to the loop and waits for the
+merged answer. Searches with the same options that arrive while `batch_in_flight` of them
+are out are sent together as one batched Search per server: nothing waits at low load,
+and under load the per-call cost (gRPC on both sides, one scan per call) is shared.
+
+Replica consistency: writes go to every in-sync replica of a server, one write at a time
+per server (so replicas apply them in the same order), the first answering replica (the
+primary) assigning new ids. A replica that misses an acknowledged write is marked stale
+and no longer read; a replica is also stale until verified in sync (at start, or when it
+comes back): its per-shard write sequences (Stats.write_seq) and then content digests
+must equal an in-sync replica's (writes are deterministic given the same state and order,
+so a write retried on another replica after a timeout gives the same ids).
+`datastore serve ... --seed-from ADDR` copies the shards from a live replica, after which
+the health loop verifies it and puts it back into rotation. Limits: this holds for writes
+through one router (several writing routers can order writes differently); staleness is
+kept in the router's memory, and a restarted router takes the replicas at the highest
+write sequences it can reach as in sync; a write that failed on every replica may still
+have been applied by one that timed out.
+
+The Router offers the methods the servicer calls on an embedded Datastore, so one servicer
+serves both roles.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import itertools
 import logging
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Any
 
 import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client import Counter, Gauge
 
 from datastore.encoder import Encoder
-from datastore.errors import DatastoreError, FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from datastore.errors import (
+    DatastoreError,
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+)
 from datastore.manifest import Manifest
 from datastore.records import Hit, Passage
 from datastore.sharding import merge_topk, shard_of
 from datastore.store import DatastoreStats, Limits, Query, ShardInfo, check_query_vectors, embed_queries
 from index import SearchParams, SearchResult
+from index.base import MISSING_ID
 from service import convert
 from service.auth import API_KEY
-from service.metrics import SHARD_ERRORS, SHARD_LATENCY
+from service.metrics import REGISTRY, SHARD_ERRORS, SHARD_LATENCY
 from service.pb import datastore_pb2 as pb
 from service.pb import datastore_pb2_grpc as pb_grpc
 from service.server import SERVICE_NAME
 from service.status import from_rpc_error
 
 log = logging.getLogger(__name__)
+#: True while the router works for an RPC's caller (set by the servicer): their key, or none,
+#: is forwarded, never the router's own (which would lend a keyless caller its rights).
+ON_BEHALF_OF_CALLER: contextvars.ContextVar[bool] = contextvars.ContextVar("on_behalf_of_caller", default=False)
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+#: Share of the caller's remaining time the router keeps for merging and answering, so a
+#: shard that misses the deadline is reported (or fails the call) before the caller gives up.
+DEADLINE_RESERVE = 0.1
+DEADLINE_RESERVE_MAX_S = 0.05
+
+HEDGES = Counter("datastore_router_hedged_calls_total", "Shard calls sent to a second replica (hedging)",
+                 ["server"], registry=REGISTRY)
+REPLICA_STALE = Gauge("datastore_router_replica_stale", "1 while a replica is stale (not read from)",
+                      ["replica"], registry=REGISTRY)
+REPLICA_HEALTHY = Gauge("datastore_router_replica_healthy", "1 while a replica answers health checks",
+                        ["replica"], registry=REGISTRY)
 
 
 @dataclass(frozen=True)
@@ -59,6 +105,12 @@ class RouterConfig:
     max_message_bytes: int = 64 * 1024 * 1024
     #: Key for the router's own calls (discovering the servers); callers' keys are forwarded.
     api_key: str | None = None
+    #: Reads only: when the first replica has not answered after this many ms, send the
+    #: same call to the next replica too and take whichever answers first (None: off).
+    hedge_after_ms: float | None = None
+    #: Searches with the same options sent at once; requests arriving beyond that wait and
+    #: go out together as one batched Search per server (0: never batch).
+    batch_in_flight: int = 2
 
     def __post_init__(self) -> None:
         if not self.servers or any(not group for group in self.servers):
@@ -66,15 +118,25 @@ class RouterConfig:
         for name in ("per_shard_timeout", "default_deadline", "health_interval"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.batch_in_flight < 0:
+            raise ValueError(f"batch_in_flight must be >= 0, got {self.batch_in_flight}")
+        if self.hedge_after_ms is not None and self.hedge_after_ms <= 0:
+            raise ValueError(f"hedge_after_ms must be positive, got {self.hedge_after_ms}")
 
 
 @dataclass
 class _Replica:
     address: str
-    channel: grpc.Channel
+    channel: grpc.aio.Channel
     stub: pb_grpc.DatastoreStub
     health: health_pb2_grpc.HealthStub
     healthy: bool = True
+    #: Not read from: missed a write, or not yet verified in sync.
+    stale: bool = True
+    reason: str = "not verified yet"
+    seqs: dict[int, int] = field(default_factory=dict)
+    #: (reference, both servers' instance ids, write sequences) of the last content comparison.
+    digest_checked: tuple | None = None
 
 
 @dataclass
@@ -84,16 +146,58 @@ class _Server:
     replicas: list[_Replica]
     shards: list[int] = field(default_factory=list)
     _turn: itertools.count = field(default_factory=itertools.count)
+    #: Writes to this server, one at a time (set in the loop).
+    write_lock: asyncio.Lock | None = None
 
     def order(self) -> list[_Replica]:
-        """Replicas to try, healthy first, rotating so load spreads over them."""
-        n = next(self._turn)
-        rotated = self.replicas[n % len(self.replicas):] + self.replicas[:n % len(self.replicas)]
+        """In-sync replicas to try, healthy first, rotating so load spreads over them."""
+        n = next(self._turn) % len(self.replicas)
+        rotated = [r for r in self.replicas[n:] + self.replicas[:n] if not r.stale]
         return [r for r in rotated if r.healthy] + [r for r in rotated if not r.healthy]
 
     @property
     def name(self) -> str:
         return ",".join(r.address for r in self.replicas)
+
+
+@dataclass
+class _Batch:
+    """Searches with the same options waiting to go out together, and how many are out."""
+
+    queue: list = field(default_factory=list)
+    running: int = 0
+
+
+class _Loop:
+    """An asyncio event loop in a daemon thread; `run` waits for a coroutine from any other
+    thread."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="router-loop", daemon=True)
+        self._thread.start()
+
+    def run(self, coro: Awaitable, timeout: float | None = None) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=5)
+        if not self._thread.is_alive():
+            self.loop.close()
+
+
+def _fixed(request) -> Callable[[list[int] | None], object]:
+    """A write request that is the same for every replica (only Upsert passes ids on)."""
+    return lambda _ids: request
+
+
+def _mark_stale(replica: _Replica, reason: str) -> None:
+    if not replica.stale:
+        log.error("replica %s is stale: %s; it is not read from until it is resynced "
+                  "(restart it with --seed-from a live replica)", replica.address, reason)
+    replica.stale, replica.reason = True, reason
+    REPLICA_STALE.labels(replica.address).set(1)
 
 
 class Router:
@@ -103,125 +207,351 @@ class Router:
                  encoder_factory: Callable[[str], Encoder] | None = None) -> None:
         self.config = config
         self.limits = limits
-        opts = [("grpc.max_receive_message_length", config.max_message_bytes),
-                ("grpc.max_send_message_length", config.max_message_bytes)]
-        self.servers: list[_Server] = []
-        for group in config.servers:
-            replicas = []
-            for address in group:
-                ch = grpc.insecure_channel(address, options=opts)
-                replicas.append(_Replica(address, ch, pb_grpc.DatastoreStub(ch), health_pb2_grpc.HealthStub(ch)))
-            self.servers.append(_Server(replicas))
-        # calls to shard servers block on the network, not the CPU: enough threads for a
-        # few dozen requests in flight, each fanned out to every server
-        self._pool = ThreadPoolExecutor(max_workers=min(256, 32 * len(self.servers)), thread_name_prefix="fan-out")
-        self._discover()
+        self._loop = _Loop()
+        self.servers: list[_Server] = self._loop.run(self._connect())
         self._encoder_factory = encoder_factory or (lambda name: Encoder(name))
         self._encoder: Encoder | None = None
         self._encoder_lock = threading.Lock()
-        self._stop = threading.Event()
         self._on_health_change: list[Callable[[bool], None]] = []
-        self._health_thread = threading.Thread(target=self._watch_health, name="router-health", daemon=True)
-        self._health_thread.start()
+        self._serving = True
+        self._closed = False
+        self._batches: dict[tuple, _Batch] = {}
+        try:
+            self._loop.run(self._discover())
+        except BaseException:
+            self.close()
+            raise
+        self._health_task = asyncio.run_coroutine_threadsafe(self._watch_health(), self._loop.loop)
 
-    # -- topology and health ----------------------------------------------------------------------
+    async def _connect(self) -> list[_Server]:
+        opts = [("grpc.max_receive_message_length", self.config.max_message_bytes),
+                ("grpc.max_send_message_length", self.config.max_message_bytes)]
+        servers = []
+        for group in self.config.servers:
+            replicas = []
+            for address in group:
+                ch = grpc.aio.insecure_channel(address, options=opts)
+                replicas.append(_Replica(address, ch, pb_grpc.DatastoreStub(ch), health_pb2_grpc.HealthStub(ch)))
+                REPLICA_STALE.labels(address).set(1)
+            servers.append(_Server(replicas, write_lock=asyncio.Lock()))
+        return servers
 
-    def _discover(self) -> None:
-        """Ask each server which shards it holds; every shard must be held by exactly one."""
+    # -- topology, health and replica sync ------------------------------------------------------
+
+    async def _replica_stats(self, replica: _Replica, timeout: float, digest: bool = False
+                             ) -> pb.StatsResponse | None:
+        try:
+            return await replica.stub.Stats(pb.StatsRequest(with_digest=digest), timeout=timeout,
+                                            metadata=self._own_md())
+        except grpc.RpcError as e:
+            if e.code() not in RETRYABLE:
+                raise from_rpc_error(e) from None
+            replica.healthy = False
+            return None
+
+    async def _discover(self) -> None:
+        """Ask every replica which shards it holds (every shard must be held by exactly one
+        server) and its write sequences: replicas at the highest sequences are in sync."""
         owner: dict[int, int] = {}
-        stats = None
+        first: pb.StatsResponse | None = None
         for n, server in enumerate(self.servers):
-            r = self._call(server, "Stats", pb.StatsRequest(), self.config.default_deadline, self._md())
-            server.shards = sorted(s.shard_id for s in r.shards)
-            stats = stats or r
-            if r.num_shards != stats.num_shards or r.dim != stats.dim or r.model != stats.model:
-                raise FailedPrecondition(f"server {server.name} serves another datastore "
-                                         f"({r.num_shards} shards, {r.model}) than {self.servers[0].name}")
+            answers = await asyncio.gather(*(self._replica_stats(r, self.config.default_deadline)
+                                             for r in server.replicas))
+            live = [(r, a) for r, a in zip(server.replicas, answers) if a is not None]
+            if not live:
+                raise Unavailable(f"no replica of shard server {server.name} answered",
+                                  hint="start the shard servers before the router")
+            for r, a in live:
+                first = first or a
+                if a.num_shards != first.num_shards or a.dim != first.dim or a.model != first.model:
+                    raise FailedPrecondition(f"{r.address} serves another datastore ({a.num_shards} shards, "
+                                             f"{a.model}) than {self.servers[0].name}")
+                r.seqs = {s.shard_id: s.write_seq for s in a.shards}
+            shard_sets = {tuple(sorted(r.seqs)) for r, _ in live}
+            if len(shard_sets) != 1:
+                raise FailedPrecondition(f"the replicas of {server.name} serve different shards: "
+                                         + "; ".join(f"{r.address}: {sorted(r.seqs)}" for r, _ in live))
+            server.shards = sorted(live[0][0].seqs)
+            best = max((tuple(sorted(r.seqs.items())) for r, _ in live), key=lambda t: sum(v for _, v in t))
+            for r, _ in live:
+                if tuple(sorted(r.seqs.items())) == best:
+                    r.stale, r.reason = False, ""
+                    REPLICA_STALE.labels(r.address).set(0)
+                else:
+                    _mark_stale(r, f"its write sequences {r.seqs} are behind {dict(best)}")
             for sid in server.shards:
                 if sid in owner:
                     raise FailedPrecondition(f"shard {sid} is served by both {self.servers[owner[sid]].name} "
                                              f"and {server.name}; list replicas of one server in one --shard")
                 owner[sid] = n
-        missing = sorted(set(range(stats.num_shards)) - set(owner))
+        assert first is not None
+        missing = sorted(set(range(first.num_shards)) - set(owner))
         if missing:
             raise FailedPrecondition(f"no server holds shards {missing}",
                                      hint="start shard servers for them and list them with --shard")
         self._owner = owner
-        self.num_shards = stats.num_shards
-        self.dim = stats.dim
-        self.manifest = Manifest.from_json(stats.manifest_json, "the shard servers' manifest")
+        self.num_shards = first.num_shards
+        self.dim = first.dim
+        self.manifest = Manifest.from_json(first.manifest_json, "the shard servers' manifest")
 
-    def _watch_health(self) -> None:
-        serving = True
-        while not self._stop.wait(self.config.health_interval):
-            for server in self.servers:
-                for r in server.replicas:
-                    try:
-                        resp = r.health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME),
+    async def _check(self, replica: _Replica) -> None:
+        try:
+            resp = await replica.health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME),
                                               timeout=self.config.health_interval)
-                        r.healthy = resp.status == health_pb2.HealthCheckResponse.SERVING
-                    except grpc.RpcError:
-                        r.healthy = False
-            now = self.config.partial_results or all(any(r.healthy for r in s.replicas) for s in self.servers)
-            if now != serving:
-                serving = now
+            replica.healthy = resp.status == health_pb2.HealthCheckResponse.SERVING
+        except grpc.RpcError:
+            replica.healthy = False
+        REPLICA_HEALTHY.labels(replica.address).set(int(replica.healthy))
+
+    async def _verify(self, server: _Server, replica: _Replica) -> None:
+        """Put a stale replica back into rotation once it holds what an in-sync replica
+        holds: equal write sequences, then equal content digests (compared under the
+        server's write lock, so no write lands in between)."""
+        assert server.write_lock is not None
+        async with server.write_lock:
+            good = next((r for r in server.replicas if not r.stale and r.healthy), None)
+            if good is None:
+                return
+            want = await self._replica_stats(good, self.config.health_interval * 2)
+            have = await self._replica_stats(replica, self.config.health_interval * 2)
+            if want is None or have is None:
+                return
+            want_seqs = {s.shard_id: s.write_seq for s in want.shards}
+            got = {s.shard_id: s.write_seq for s in have.shards}
+            if got != want_seqs:
+                replica.reason = (f"write sequences {got} differ from {good.address}'s {want_seqs}; "
+                                  "resync it (--seed-from)")
+                return
+            tried = (good.address, want.instance_id, have.instance_id, tuple(sorted(got.items())))
+            if replica.digest_checked == tried:
+                return  # same sequences as last time: the content was compared then
+            replica.digest_checked = tried
+            slow = max(self.config.per_shard_timeout, 10 * self.config.health_interval)
+            want = await self._replica_stats(good, slow, digest=True)
+            have = await self._replica_stats(replica, slow, digest=True)
+            if want is None or have is None:
+                replica.digest_checked = None
+                return
+            if {s.shard_id: s.digest for s in have.shards} != {s.shard_id: s.digest for s in want.shards}:
+                replica.reason = (f"same write sequences as {good.address} but different data; "
+                                  "resync it (--seed-from)")
+                log.error("replica %s: %s", replica.address, replica.reason)
+                return
+            replica.stale, replica.reason, replica.seqs, replica.digest_checked = False, "", got, None
+            REPLICA_STALE.labels(replica.address).set(0)
+            log.warning("replica %s is in sync again (write sequences %s, same data as %s): reading from it",
+                        replica.address, got, good.address)
+
+    async def _watch_health(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.health_interval)
+            try:
+                await asyncio.gather(*(self._check(r) for s in self.servers for r in s.replicas))
+                await asyncio.gather(*(self._verify(s, r) for s in self.servers for r in s.replicas
+                                       if r.stale and r.healthy))
+            except Exception:  # the watcher must outlive any one bad round
+                log.exception("health round failed")
+            now = self.config.partial_results or all(
+                any(r.healthy and not r.stale for r in s.replicas) for s in self.servers)
+            if now != self._serving:
+                self._serving = now
                 for fn in self._on_health_change:
-                    fn(serving)
+                    fn(now)
 
     def on_health_change(self, fn: Callable[[bool], None]) -> None:
-        """Call fn(serving) whenever the router's own health flips (every server reachable)."""
+        """Call fn(serving) whenever the router's own health flips (every server has a
+        healthy in-sync replica)."""
         self._on_health_change.append(fn)
 
+    def replica_status(self) -> list[pb.ReplicaStatus]:
+        return [pb.ReplicaStatus(address=r.address, shard_ids=s.shards, healthy=r.healthy, stale=r.stale,
+                                 reason=r.reason) for s in self.servers for r in s.replicas]
+
     def close(self) -> None:
-        self._stop.set()
-        self._health_thread.join(timeout=5)
-        self._pool.shutdown(wait=False)
-        for server in self.servers:
-            for r in server.replicas:
-                r.channel.close()
+        if self._closed:
+            return
+        self._closed = True
+        task = getattr(self, "_health_task", None)
+        if task is not None:
+            task.cancel()
+
+        async def shut() -> None:
+            for server in self.servers:
+                for r in server.replicas:
+                    await r.channel.close()
+
+        try:
+            self._loop.run(shut(), timeout=5)
+        finally:
+            self._loop.stop()
 
     # -- calls ----------------------------------------------------------------------------------
 
-    def _md(self) -> tuple | None:
-        """Metadata for calls made on behalf of the current caller: their key, forwarded (the
-        shard servers authenticate it), or the router's own key for its own calls."""
-        key = API_KEY.get() or self.config.api_key
+    def _own_md(self) -> tuple | None:
+        key = self.config.api_key
         return (("authorization", f"Bearer {key}"),) if key else None
 
-    def _call(self, server: _Server, method: str, request, timeout: float | None, md: tuple | None = None):
-        """Call one replica after another until one answers or the deadline passes."""
-        deadline = time.monotonic() + (timeout or self.config.default_deadline)
+    def _md(self) -> tuple | None:
+        """Metadata for calls made for the current caller: an RPC caller's key, forwarded as
+        is (the shard servers authenticate it), or for in-process use the router's own key.
+        Read in the caller's thread: the loop thread does not see its context variables."""
+        key = API_KEY.get() if ON_BEHALF_OF_CALLER.get() else (API_KEY.get() or self.config.api_key)
+        return (("authorization", f"Bearer {key}"),) if key else None
+
+    def _deadline(self, timeout: float | None) -> float:
+        """Loop-clock deadline for the shard calls of a request with `timeout` seconds left,
+        less a reserve for the router's own work."""
+        t = timeout if timeout is not None and timeout > 0 else self.config.default_deadline
+        return self._loop.loop.time() + t - min(DEADLINE_RESERVE * t, DEADLINE_RESERVE_MAX_S)
+
+    async def _try(self, replica: _Replica, method: str, request, deadline: float, md: tuple | None):
+        left = deadline - asyncio.get_running_loop().time()
+        t = time.perf_counter()
+        try:
+            out = await getattr(replica.stub, method)(request, timeout=max(0.001, min(left,
+                                                      self.config.per_shard_timeout)), metadata=md)
+        except grpc.RpcError as e:
+            SHARD_ERRORS.labels(replica.address, method, e.code().name).inc()
+            raise
+        SHARD_LATENCY.labels(replica.address, method).observe(time.perf_counter() - t)
+        return out
+
+    async def _call(self, server: _Server, method: str, request, deadline: float, md: tuple | None,
+                    hedge: bool = False):
+        """Call one replica after another until one answers or the deadline passes; with
+        `hedge`, also start the next replica when the first is slower than hedge_after_ms."""
+        loop = asyncio.get_running_loop()
+        candidates = iter(server.order())
+        pending: set[asyncio.Task] = set()
         last: grpc.RpcError | None = None
-        for replica in server.order():
-            left = deadline - time.monotonic()
-            if left <= 0:
-                break
-            t = time.perf_counter()
-            try:
-                out = getattr(replica.stub, method)(request, timeout=min(left, self.config.per_shard_timeout),
-                                                    metadata=md)
-                SHARD_LATENCY.labels(replica.address, method).observe(time.perf_counter() - t)
-                return out
-            except grpc.RpcError as e:
-                SHARD_ERRORS.labels(replica.address, method, e.code().name).inc()
-                if e.code() not in RETRYABLE:
-                    raise from_rpc_error(e) from None
-                replica.healthy = False
-                last = e
+        hedge_after = self.config.hedge_after_ms / 1e3 if hedge and self.config.hedge_after_ms else None
+        tried = 0
+
+        def start() -> bool:
+            nonlocal tried
+            replica = next(candidates, None)
+            if replica is None:
+                return False
+            task = asyncio.ensure_future(self._try(replica, method, request, deadline, md))
+            task.replica = replica  # type: ignore[attr-defined]
+            pending.add(task)
+            tried += 1
+            return True
+
+        try:
+            if not start():
+                raise Unavailable(f"shard server {server.name} (shards {server.shards}) has no in-sync replica",
+                                  hint="resync its stale replicas (datastore serve ... --seed-from ADDR)")
+            while pending:
+                left = deadline - loop.time()
+                if left <= 0:
+                    break
+                wait = min(left, hedge_after) if hedge_after is not None and tried == 1 else left
+                done, _ = await asyncio.wait(pending, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+                if not done:
+                    if hedge_after is not None and tried == 1 and start():
+                        HEDGES.labels(server.name).inc()
+                    continue
+                for task in done:
+                    pending.discard(task)
+                    e = task.exception()
+                    if e is None:
+                        return task.result()
+                    if not isinstance(e, grpc.RpcError):
+                        raise e
+                    if e.code() not in RETRYABLE:
+                        raise from_rpc_error(e) from None
+                    if e.code() == grpc.StatusCode.UNAVAILABLE:
+                        task.replica.healthy = False  # type: ignore[attr-defined]
+                    last = e
+                    if not pending:
+                        start()
+        finally:
+            for task in pending:
+                task.cancel()
+        if loop.time() >= deadline and (last is None or last.code() == grpc.StatusCode.DEADLINE_EXCEEDED):
+            raise DeadlineExceeded(f"shard server {server.name} (shards {server.shards}) did not answer "
+                                   "within the deadline")
         raise Unavailable(f"shard server {server.name} (shards {server.shards}) did not answer"
                           + (f": {last.details()}" if last is not None else ""),
                           hint="check the shard servers; the router retries other replicas")
 
-    def _fan_out(self, method: str, requests: dict[int, object], timeout: float | None) -> dict[int, object]:
-        """Call servers (by position) in parallel threads; DatastoreError per failed server."""
-        def run(n: int) -> object:
+    async def _gather(self, method: str, requests: dict[int, object], deadline: float, md: tuple | None,
+                      hedge: bool) -> dict[int, object]:
+        """Call servers (by position) at once; a DatastoreError in place of a failed answer."""
+        async def one(n: int):
             try:
-                return self._call(self.servers[n], method, requests[n], timeout)
+                return await self._call(self.servers[n], method, requests[n], deadline, md, hedge)
             except DatastoreError as e:
                 return e
 
-        futures = {n: self._pool.submit(run, n) for n in requests}
-        return {n: f.result() for n, f in futures.items()}
+        keys = list(requests)
+        return dict(zip(keys, await asyncio.gather(*(one(n) for n in keys))))
+
+    def _fan_out(self, method: str, requests: dict[int, object], timeout: float | None,
+                 hedge: bool = False) -> dict[int, object]:
+        # md is read here, in the caller's thread: the loop does not see its context variables
+        return self._loop.run(self._gather(method, requests, self._deadline(timeout), self._md(), hedge))
+
+    async def _batched_search(self, request: pb.SearchRequest, queries: list[pb.Query], deadline: float,
+                              md: tuple | None) -> dict[int, object]:
+        """One request's answers per server: (its query results, missing shards) or an error.
+
+        Requests with the same options (and key) that arrive while `batch_in_flight` such
+        searches are already out go together as one Search per server when one returns: at
+        low load nothing waits, under load the per-call cost (gRPC on both sides, one index
+        scan per query) is shared by the batch."""
+        key = (request.SerializeToString(deterministic=True), md)
+        batch = self._batches.get(key)
+        if batch is None:
+            batch = self._batches[key] = _Batch()
+        waiter = asyncio.get_running_loop().create_future()
+        batch.queue.append((queries, deadline, waiter))
+        if batch.running < self.config.batch_in_flight:
+            batch.running += 1
+            asyncio.ensure_future(self._drain(key, batch, request, md))
+        return await waiter
+
+    async def _drain(self, key, batch: _Batch, request: pb.SearchRequest, md: tuple | None) -> None:
+        try:
+            while batch.queue:
+                members, size = [], 0
+                while batch.queue and (not members or size + len(batch.queue[0][0]) <= self.limits.max_batch):
+                    members.append(batch.queue.pop(0))
+                    size += len(members[-1][0])
+                try:
+                    await self._search_members(request, members, md)
+                except BaseException as e:  # never leave a caller waiting
+                    for _, _, waiter in members:
+                        if not waiter.done():
+                            waiter.set_exception(e)
+                    if not isinstance(e, Exception):
+                        raise
+        finally:
+            batch.running -= 1
+            if not batch.running and not batch.queue:
+                self._batches.pop(key, None)
+
+    async def _search_members(self, request: pb.SearchRequest, members: list, md: tuple | None) -> None:
+        merged = pb.SearchRequest()
+        merged.CopyFrom(request)
+        for queries, _, _ in members:
+            merged.queries.extend(queries)
+        # the batch ends with its earliest member (a caller must not wait past its deadline)
+        deadline = min(d for _, d, _ in members)
+        answers = await self._gather("Search", {n: merged for n in range(len(self.servers))}, deadline, md, True)
+        bad = [a for a in answers.values() if isinstance(a, DatastoreError)
+               and not isinstance(a, (Unavailable, DeadlineExceeded))]
+        if bad and len(members) > 1:  # one member's fault (say a bad filter): answer each alone
+            await asyncio.gather(*(self._search_members(request, [m], md) for m in members))
+            return
+        start = 0
+        for queries, _, waiter in members:
+            end = start + len(queries)
+            if not waiter.done():
+                waiter.set_result({n: a if isinstance(a, DatastoreError) else (a.results[start:end], a.missing_shards)
+                                   for n, a in answers.items()})
+            start = end
 
     # -- the Datastore API ------------------------------------------------------------------------
 
@@ -242,31 +572,53 @@ class Router:
         if not isinstance(k, (int, np.integer)) or not 1 <= k <= self.limits.max_k:
             raise InvalidArgument.field("k", f"must be between 1 and {self.limits.max_k}, got {k}")
         vectors = embed_queries(queries, self.dim, self.limits, lambda: self.encoder)  # embed once, not per shard
-        request = pb.SearchRequest(queries=[convert.query_to_pb(v) for v in vectors], k=k, tenant=tenant,
-                                   metadata_filter=metadata_filter or {}, params=convert.params_to_pb(params),
-                                   include_text=include_text)
-        answers = self._fan_out("Search", {n: request for n in range(len(self.servers))}, timeout)
-        parts, passages, missing = [], {}, []
+        request = pb.SearchRequest(k=k, tenant=tenant, metadata_filter=metadata_filter or {},
+                                   params=convert.params_to_pb(params), include_text=include_text)
+        queries_pb = [convert.query_to_pb(v) for v in vectors]
+        md, deadline = self._md(), self._deadline(timeout)
+        if self.config.batch_in_flight:
+            answers = self._loop.run(self._batched_search(request, queries_pb, deadline, md))
+        else:
+            request.queries.extend(queries_pb)
+            answers = {n: a if isinstance(a, DatastoreError) else (a.results, a.missing_shards) for n, a in
+                       self._loop.run(self._gather("Search", {n: request for n in range(len(self.servers))},
+                                                   deadline, md, True)).items()}
+        parts, hits_of, missing = [], [], []
         for n, answer in answers.items():
-            if isinstance(answer, Unavailable) and self.config.partial_results:
+            if isinstance(answer, (Unavailable, DeadlineExceeded)) and self.config.partial_results:
                 missing += self.servers[n].shards
                 continue
             if isinstance(answer, DatastoreError):
                 raise answer
-            missing += list(answer.missing_shards)
-            rows = convert.hits_from_pb(answer)
-            ids = np.full((len(vectors), k), -1, np.int64)
+            results, shard_missing = answer
+            missing += list(shard_missing)
+            ids = np.full((len(vectors), k), MISSING_ID, np.int64)
             scores = np.full((len(vectors), k), -np.inf, np.float32)
-            for q, row in enumerate(rows):
-                for j, h in enumerate(row[:k]):
-                    ids[q, j], scores[q, j] = h.id, h.score
-                    passages[h.id] = h.passage
+            for q, row in enumerate(results):
+                m = min(len(row.hits), k)
+                if m:
+                    ids[q, :m] = [h.id for h in row.hits[:m]]
+                    scores[q, :m] = [h.score for h in row.hits[:m]]
             parts.append(SearchResult(ids, scores))
+            hits_of.append(results)
         if not parts:
             raise Unavailable(f"no shard server answered (shards {sorted(missing)} missing)")
+        # merge on arrays, then turn only the winners' passages into Passage objects
         merged = merge_topk(parts, k)
-        hits = [[Hit(i, s, passages.get(i)) for i, s in merged.row(q)] for q in range(merged.num_queries)]
-        return hits, sorted(missing)
+        where: dict[int, tuple[int, int]] = {}
+        rows = []
+        for q in range(merged.num_queries):
+            where.clear()
+            for part, results in enumerate(hits_of):
+                for j, h in enumerate(results[q].hits[:k]):
+                    where[h.id] = (part, j)
+            row = []
+            for pid, score in merged.row(q):
+                part, j = where[pid]
+                h = hits_of[part][q].hits[j]
+                row.append(Hit(pid, score, convert.passage_from_pb(h.passage) if h.HasField("passage") else None))
+            rows.append(row)
+        return rows, sorted(missing)
 
     def search(self, queries: Sequence[Query], k: int = 10, tenant: str | None = None,
                metadata_filter: dict[str, str] | None = None, params: SearchParams | None = None,
@@ -288,7 +640,7 @@ class Router:
         ids = [int(i) for i in ids]
         groups = self._by_server(ids)
         answers = self._fan_out("GetPassages", {n: pb.GetPassagesRequest(ids=[ids[p] for p in pos], tenant=tenant)
-                                                for n, pos in groups.items()}, timeout)
+                                                for n, pos in groups.items()}, timeout, hedge=True)
         out: list[Passage | None] = [None] * len(ids)
         not_found = []
         for n, answer in answers.items():
@@ -304,6 +656,79 @@ class Router:
             raise NotFound("; ".join(e.message for e in not_found), resource_type="passage", resource_name=names)
         return out  # type: ignore[return-value]
 
+    # -- writes ---------------------------------------------------------------------------------
+
+    async def _replicate(self, server: _Server, method: str, request: Callable[[list[int] | None], object],
+                         deadline: float, md: tuple | None):
+        """A write to every in-sync replica of a server, one write at a time per server: the
+        first that answers (the primary) assigns new ids, the others then get the same ids
+        in parallel; the answer is the primary's. A replica that does not acknowledge a
+        write the primary acknowledged is marked stale (not read until resynced)."""
+        assert server.write_lock is not None
+        loop = asyncio.get_running_loop()
+        async with server.write_lock:
+            answer, primary, failed = None, None, []
+            for replica in server.order():
+                left = deadline - loop.time()
+                if left <= 0:
+                    break
+                try:
+                    answer = await getattr(replica.stub, method)(request(None), timeout=min(
+                        left, self.config.per_shard_timeout), metadata=md)
+                    primary = replica
+                    break
+                except grpc.RpcError as e:
+                    SHARD_ERRORS.labels(replica.address, method, e.code().name).inc()
+                    if e.code() not in RETRYABLE:
+                        raise from_rpc_error(e) from None
+                    # it may or may not have applied the write: it is out of sync if another takes it
+                    failed.append((replica, e.code().name))
+            if primary is None:
+                if failed:
+                    log.warning("%s failed on every replica of %s; a replica that timed out may still have "
+                                "applied it", method, server.name)
+                raise Unavailable(f"no in-sync replica of shard server {server.name} took the {method}",
+                                  hint="check the shard servers; resync stale replicas with --seed-from")
+            for replica, code in failed:
+                _mark_stale(replica, f"missed a {method} ({code})")
+            ids = list(answer.ids) if method == "Upsert" else None
+
+            async def follow(replica: _Replica) -> None:
+                try:
+                    await getattr(replica.stub, method)(request(ids), timeout=max(0.001, min(
+                        deadline - loop.time(), self.config.per_shard_timeout)), metadata=md)
+                except grpc.RpcError as e:
+                    SHARD_ERRORS.labels(replica.address, method, e.code().name).inc()
+                    if e.code() in RETRYABLE:
+                        replica.healthy = False
+                    _mark_stale(replica, f"missed a {method} ({e.code().name})")
+
+            await asyncio.gather(*(follow(r) for r in server.replicas if r is not primary and not r.stale))
+            return answer
+
+    def _write(self, server: int, method: str, request: Callable[[list[int] | None], object],
+               timeout: float | None, md: tuple | None):
+        return self._loop.run(self._replicate(self.servers[server], method, request, self._deadline(timeout), md))
+
+    def _write_each(self, calls: dict[int, tuple[str, Callable]], timeout: float | None) -> dict[int, object]:
+        """Writes to several servers at once; the first error is raised once all finished."""
+        md, deadline = self._md(), self._deadline(timeout)
+
+        async def run():
+            async def one(n, method, request):
+                try:
+                    return await self._replicate(self.servers[n], method, request, deadline, md)
+                except DatastoreError as e:
+                    return e
+            keys = list(calls)
+            return dict(zip(keys, await asyncio.gather(*(one(n, *calls[n]) for n in keys))))
+
+        out = self._loop.run(run())
+        for answer in out.values():
+            if isinstance(answer, DatastoreError):
+                raise answer
+        return out
+
     def upsert(self, passages: Sequence[Passage], vectors: np.ndarray | None = None,
                timeout: float | None = None) -> list[int]:
         """Passages with ids go to their shard's server; new ones are spread round-robin, and
@@ -318,12 +743,9 @@ class Router:
             groups.setdefault(n, []).extend(known[p] for p in pos)
         for j, n in enumerate(i for i, p in enumerate(passages) if p.id < 0):
             groups.setdefault(j % len(self.servers), []).append(n)
-        results: dict[int, list[int]] = {}
-        errors: list[DatastoreError] = []
-        md = self._md()
 
-        def run(server: int, pos: list[int]) -> None:
-            def items(ids: list[int] | None) -> list[pb.UpsertItem]:
+        def items_for(pos: list[int]) -> Callable[[list[int] | None], object]:
+            def items(ids: list[int] | None):
                 out = []
                 for j, i in enumerate(pos):
                     p = passages[i] if ids is None else Passage(ids[j], passages[i].text, passages[i].title,
@@ -333,21 +755,13 @@ class Router:
                     if vectors is not None:
                         item.vector.CopyFrom(convert.vector_to_pb(vectors[i]))
                     out.append(item)
-                return out
+                return iter(out)
+            return items
 
-            try:
-                results[server] = self._replicate(self.servers[server], "Upsert",
-                                                  lambda ids: iter(items(ids)), timeout, md).ids[:]
-            except DatastoreError as e:
-                errors.append(e)
-
-        for f in [self._pool.submit(run, n, pos) for n, pos in groups.items()]:
-            f.result()
-        if errors:
-            raise errors[0]
+        results = self._write_each({n: ("Upsert", items_for(pos)) for n, pos in groups.items()}, timeout)
         out = [0] * len(passages)
         for n, pos in groups.items():
-            for i, pid in zip(pos, results[n]):
+            for i, pid in zip(pos, results[n].ids):
                 out[i] = pid
         return out
 
@@ -355,47 +769,14 @@ class Router:
         if len(ids) == 0:
             raise InvalidArgument.field("ids", "no ids given")
         ids = [int(i) for i in ids]
-        groups = self._by_server(ids)
-        deleted = 0
-        for n, pos in groups.items():
-            request = pb.DeleteRequest(ids=[ids[p] for p in pos])
-            deleted += self._replicate(self.servers[n], "Delete", lambda _ids: request, timeout, self._md()).deleted
-        return deleted
-
-    def _replicate(self, server: _Server, method: str, request: Callable[[list[int] | None], object],
-                   timeout: float | None, md: tuple | None):
-        """A write to every replica of a server: the first that answers (the primary) assigns
-        new ids, the others get the same ids; the answer is the primary's. A replica that
-        fails is marked unhealthy and logged: it has missed a write and needs a resync."""
-        answer, primary = None, None
-        for replica in server.order():
-            try:
-                answer = getattr(replica.stub, method)(request(None), timeout=timeout or self.config.per_shard_timeout,
-                                                       metadata=md)
-                primary = replica
-                break
-            except grpc.RpcError as e:
-                if e.code() not in RETRYABLE:
-                    raise from_rpc_error(e) from None
-                replica.healthy = False
-        if primary is None:
-            raise Unavailable(f"no replica of shard server {server.name} took the {method}")
-        ids = list(answer.ids) if method == "Upsert" else None
-        for replica in server.replicas:
-            if replica is primary:
-                continue
-            try:
-                getattr(replica.stub, method)(request(ids), timeout=timeout or self.config.per_shard_timeout,
-                                              metadata=md)
-            except grpc.RpcError as e:
-                replica.healthy = False
-                log.error("replica %s missed a %s (%s): it needs a resync", replica.address, method, e.code().name)
-        return answer
+        calls = {n: ("Delete", _fixed(pb.DeleteRequest(ids=[ids[p] for p in pos])))
+                 for n, pos in self._by_server(ids).items()}
+        return sum(a.deleted for a in self._write_each(calls, timeout).values())
 
     def _every_server(self, method: str, request) -> list:
         """A control write (tenants) to every replica of every server."""
-        md = self._md()
-        return [self._replicate(server, method, lambda _ids: request, None, md) for server in self.servers]
+        calls = {n: (method, _fixed(request)) for n in range(len(self.servers))}
+        return list(self._write_each(calls, None).values())
 
     def create_tenant(self, name: str) -> None:
         self._every_server("CreateTenant", pb.CreateTenantRequest(name=name))
@@ -405,7 +786,10 @@ class Router:
         return sum(a.deleted_passages for a in answers), sum(a.updated_passages for a in answers)
 
     def list_tenants(self) -> list[str]:
-        return list(self._call(self.servers[0], "ListTenants", pb.ListTenantsRequest(), None, self._md()).names)
+        answer = self._fan_out("ListTenants", {0: pb.ListTenantsRequest()}, None)[0]
+        if isinstance(answer, DatastoreError):
+            raise answer
+        return list(answer.names)
 
     def grant(self, ids: Sequence[int], tenant: str) -> int:
         return self._access("Grant", ids, tenant)
@@ -417,9 +801,9 @@ class Router:
         if len(ids) == 0:
             raise InvalidArgument.field("ids", "no ids given")
         ids = [int(i) for i in ids]
-        md = self._md()
-        return sum(self._replicate(self.servers[n], method, lambda _ids, pos=pos: pb.AccessRequest(
-            ids=[ids[p] for p in pos], tenant=tenant), None, md).changed for n, pos in self._by_server(ids).items())
+        calls = {n: (method, _fixed(pb.AccessRequest(ids=[ids[p] for p in pos], tenant=tenant)))
+                 for n, pos in self._by_server(ids).items()}
+        return sum(a.changed for a in self._write_each(calls, None).values())
 
     def stats(self) -> DatastoreStats:
         answers = self._fan_out("Stats", {n: pb.StatsRequest() for n in range(len(self.servers))}, None)
@@ -433,3 +817,6 @@ class Router:
         m = self.manifest
         return DatastoreStats(sum(s.passages for s in shards), self.dim, m.model.name, m.index.kind, m.index.metric,
                               shards, self.num_shards)
+
+
+__all__ = ["Router", "RouterConfig"]

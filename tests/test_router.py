@@ -1,5 +1,7 @@
 """Shard servers as subprocesses on loopback plus a router: same answers as the embedded
-store, replica failover without failed requests, and the all-replicas-down policy."""
+store, replica failover without failed requests, the all-replicas-down policy, callers' keys
+forwarded, stale replicas kept out of reads until resynced (--seed-from), deadlines,
+per-shard timeouts and hedging."""
 
 from __future__ import annotations
 
@@ -46,16 +48,22 @@ def datastore_dir(tmp_path_factory) -> Path:
 
 
 class ShardServer:
-    """`datastore serve DIR --shards ...` in a subprocess on a free loopback port."""
+    """`datastore serve DIR --shards ...` in a subprocess on loopback (port 0: a free one)."""
 
-    def __init__(self, directory: Path, shards: str) -> None:
+    def __init__(self, directory: Path, shards: str, port: int = 0, *extra: str) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "datastore.cli", "serve", str(directory), "--shards", shards, "--port", "0"],
-            env={**os.environ, "PYTHONPATH": str(ROOT)}, stderr=subprocess.PIPE, text=True)
-        line = self.proc.stderr.readline()
-        match = re.search(r"on ([\d.]+:\d+)", line)
-        assert match, line + self.proc.stderr.read()
+            [sys.executable, "-m", "datastore.cli", "serve", str(directory), "--shards", shards, "--port", str(port),
+             *extra], env={**os.environ, "PYTHONPATH": str(ROOT)}, stderr=subprocess.PIPE, text=True)
+        lines = []
+        while True:
+            line = self.proc.stderr.readline()
+            lines.append(line)
+            match = re.search(r"serving .* on ([\d.]+:\d+)", line)
+            if match or not line:
+                break
+        assert match, "".join(lines) + self.proc.stderr.read()
         self.address = match.group(1)
+        self.port = int(self.address.rsplit(":", 1)[1])
 
     def kill(self) -> None:
         self.proc.send_signal(signal.SIGKILL)
@@ -195,3 +203,220 @@ def test_a_shard_server_refuses_ids_of_other_shards(datastore_dir):
         new = ds.upsert([Passage(-1, "y")], _vectors(1, 9))
         assert shard_of(new[0], 4) == 0
         ds.delete(new)
+
+
+# -- keys, replica consistency, deadlines and hedging -------------------------------------------
+
+
+def _wait_for(predicate, seconds: float = 15.0, step: float = 0.1) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(step)
+    return predicate()
+
+
+@pytest.fixture(scope="module")
+def keyed_dir(tmp_path_factory) -> tuple[Path, dict[str, str], dict[str, int], np.ndarray]:
+    """A 2-shard datastore with keys: admin, tenants acme and beta, and one passage only
+    acme may see (its vector far from every public one)."""
+    d = tmp_path_factory.mktemp("keyed")
+    np.save(d / "v.npy", _vectors(400, 5))
+    (d / "p.jsonl").write_text("".join(f'{{"text": "public {i}"}}\n' for i in range(400)))
+    build(BuildConfig([str(d / "p.jsonl")], d / "ds", embeddings=d / "v.npy", shards=2, vector_dtype="float32",
+                      dedup=DedupConfig(near=False), progress=False))
+    secret = _vectors(1, 6)
+    with open_datastore(d / "ds") as ds:
+        ds.create_tenant("acme")
+        ds.create_tenant("beta")
+        [pid] = ds.upsert([Passage(-1, "acme secret", tenants=("acme",))], secret)
+        keys = {"admin": ds.control.create_key(None)[0], "acme": ds.control.create_key("acme")[0],
+                "beta": ds.control.create_key("beta")[0]}
+    return d / "ds", keys, {"secret": pid}, secret
+
+
+def test_the_router_forwards_each_callers_key(keyed_dir):
+    from datastore.errors import PermissionDenied, Unauthenticated
+
+    directory, keys, ids, secret = keyed_dir
+    servers = [ShardServer(directory, "0"), ShardServer(directory, "1")]
+    # the router's own key is an admin key: a caller must never borrow it
+    router = Router(RouterConfig([[servers[0].address], [servers[1].address]], api_key=keys["admin"]))
+    config = ServerConfig(max_workers=8, grace_seconds=0.2)
+    server, port = create_server(router, "127.0.0.1:0", config)
+    address = f"127.0.0.1:{port}"
+    try:
+        with DatastoreClient(address, api_key=keys["acme"], timeout=10) as acme:
+            hits = acme.search([secret[0]], k=5)[0]
+            assert hits[0].id == ids["secret"] and hits[0].text == "acme secret"
+            with pytest.raises(PermissionDenied):
+                acme.search([secret[0]], k=5, tenant="beta")
+            with pytest.raises(PermissionDenied):  # a tenant key may not write
+                acme.delete([ids["secret"]])
+        with DatastoreClient(address, api_key=keys["beta"], timeout=10) as beta:
+            hits = beta.search([secret[0]], k=5)[0]
+            assert len(hits) == 5 and ids["secret"] not in [h.id for h in hits]
+            with pytest.raises(NotFound):
+                beta.get_passages([ids["secret"]])
+        with DatastoreClient(address, api_key=keys["admin"], timeout=10) as admin:
+            assert admin.search([secret[0]], k=1, tenant="acme")[0][0].id == ids["secret"]
+        for key in ("ds_0123456789abcdef_" + "x" * 43, None):
+            with DatastoreClient(address, api_key=key, timeout=10) as stranger:
+                with pytest.raises(Unauthenticated):
+                    stranger.search([secret[0]], k=5)
+                with pytest.raises(Unauthenticated):
+                    stranger.get_passages([ids["secret"]])
+        # copying a shard (what --seed-from does) is for admins only
+        from datastore.snapshot import seed_from
+        with pytest.raises(PermissionDenied):
+            seed_from(servers[0].address, directory.parent / "copy", [0], api_key=keys["acme"])
+        with pytest.raises(Unauthenticated):
+            seed_from(servers[0].address, directory.parent / "copy", [0])
+    finally:
+        stop_server(server, config)
+        router.close()
+        for s in servers:
+            s.stop()
+
+
+def test_a_replica_that_missed_a_write_is_not_read_until_resynced(datastore_dir, tmp_path):
+    import shutil
+
+    d1, d2 = tmp_path / "r1", tmp_path / "r2"
+    shutil.copytree(datastore_dir, d1)
+    shutil.copytree(datastore_dir, d2)
+    r1, r2 = ShardServer(d1, "0,1,2,3"), ShardServer(d2, "0,1,2,3")
+    router = Router(RouterConfig([[r1.address, r2.address]], per_shard_timeout=2.0, health_interval=0.2))
+    config = ServerConfig(max_workers=4, grace_seconds=0.2)
+    server, port = create_server(router, "127.0.0.1:0", config)
+
+    def state() -> dict[str, bool]:
+        return {s.address: s.stale for s in router.replica_status()}
+
+    try:
+        assert state() == {r1.address: False, r2.address: False}
+        r2.kill()
+        new = _vectors(5, 11)
+        ids = router.upsert([Passage(-1, f"late {i}") for i in range(5)], new)
+        assert state()[r2.address] and "Upsert" in next(s.reason for s in router.replica_status()
+                                                         if s.address == r2.address)
+        # surfaced in Stats and in the metrics
+        with DatastoreClient(f"127.0.0.1:{port}") as client:
+            seen = {r["address"]: r for r in client.stats().replicas}
+        assert seen[r2.address]["stale"] and not seen[r1.address]["stale"] and seen[r2.address]["shard_ids"] == [0, 1, 2, 3]
+        from prometheus_client import generate_latest
+
+        from service.metrics import REGISTRY
+        assert f'datastore_router_replica_stale{{replica="{r2.address}"}} 1.0' in generate_latest(REGISTRY).decode()
+        # back on its old port with its old data: reachable, still stale, never read
+        r2 = ShardServer(d2, "0,1,2,3", r2.port)
+        assert _wait_for(lambda: all(s.healthy for s in router.replica_status()))
+        time.sleep(0.5)  # a few health rounds: it must stay stale
+        assert state()[r2.address]
+        with DatastoreClient(r2.address) as direct:  # it really lacks the write
+            assert [row[0].id for row in direct.search(list(new), k=1)] != ids
+        for _ in range(10):  # replicas alternate: every read must come from r1
+            assert [row[0].id for row in router.search(list(new), k=1)] == ids
+        # equal write sequences are not enough: the same writes with other data stay stale
+        r2.stop()
+        with open_datastore(d2) as ds:
+            ds.upsert([Passage(i, f"other {i}") for i in ids], new)
+        r2 = ShardServer(d2, "0,1,2,3", r2.port)
+        assert _wait_for(lambda: "different data" in next(s.reason for s in router.replica_status()
+                                                             if s.address == r2.address)), router.replica_status()
+        assert state()[r2.address]
+        # resync: restart it seeded from the live replica; the router verifies and reads it again
+        r2.stop()
+        r2 = ShardServer(d2, "0,1,2,3", r2.port, "--seed-from", r1.address)
+        assert _wait_for(lambda: not state()[r2.address]), router.replica_status()
+        queries = list(_vectors(20, 12)) + list(new)
+        with DatastoreClient(r1.address) as a, DatastoreClient(r2.address) as b:
+            assert [[h.id for h in row] for row in a.search(queries, k=10)] == \
+                   [[h.id for h in row] for row in b.search(queries, k=10)]
+            assert a.stats().passages == b.stats().passages
+        r1.kill()
+        assert [row[0].id for row in router.search(list(new), k=1)] == ids  # served by the resynced r2
+    finally:
+        stop_server(server, config)
+        router.close()
+        r1.stop()
+        r2.stop()
+
+
+def test_deadlines_per_shard_timeouts_and_hedging_when_a_server_hangs(cluster):
+    """A SIGSTOPped server is alive but silent: only deadlines (or hedging) end its calls."""
+    from datastore.errors import DeadlineExceeded
+    from service.router import HEDGES
+
+    a1, b1 = cluster["a1"], cluster["b1"]
+    servers = [[a1.address, cluster["a2"].address], [b1.address]]
+    fail_router, fail_server, config, fail_client, _ = _router(cluster)
+    partial_router, partial_server, _, partial_client, _ = _router(cluster, partial=True)
+    quick = Router(RouterConfig(servers, per_shard_timeout=0.3, health_interval=60))
+    # health checks far apart: a hung replica stays "healthy", only hedging avoids waiting on it
+    hedged = Router(RouterConfig(servers, per_shard_timeout=5, health_interval=60, hedge_after_ms=50))
+    plain = Router(RouterConfig(servers, per_shard_timeout=1, health_interval=60))
+    q = [_vectors(1, 4)[0]]
+    try:
+        b1.proc.send_signal(signal.SIGSTOP)
+        try:
+            t = time.monotonic()
+            with pytest.raises(DeadlineExceeded):
+                fail_client.search(q, k=5, timeout=0.5)
+            assert time.monotonic() - t < 1.5
+            t = time.monotonic()
+            rows, missing = partial_router.search_with_coverage(q, k=5, timeout=0.5)
+            assert time.monotonic() - t < 0.5 and missing == [2, 3] and len(rows[0]) == 5
+            t = time.monotonic()
+            assert len(partial_client.search(q, k=5, timeout=0.8)[0]) == 5  # answered, not timed out
+            assert time.monotonic() - t < 0.8
+            t = time.monotonic()
+            with pytest.raises(Unavailable):  # the per-shard timeout ends it long before the deadline
+                quick.search_with_coverage(q, k=5, timeout=10)
+            assert time.monotonic() - t < 2
+        finally:
+            b1.proc.send_signal(signal.SIGCONT)
+        name = f"{a1.address},{cluster['a2'].address}"
+        before = HEDGES.labels(name)._value.get()
+        a1.proc.send_signal(signal.SIGSTOP)
+        try:
+            t = time.monotonic()
+            for _ in range(6):  # rotation puts the hung replica first every other call
+                assert len(hedged.search(q, k=5)[0]) == 5
+            assert time.monotonic() - t < 3
+            assert HEDGES.labels(name)._value.get() - before >= 3
+            t = time.monotonic()
+            for _ in range(2):  # without hedging one of two calls waits out the per-shard timeout
+                plain.search(q, k=5)
+            assert time.monotonic() - t >= 0.9
+        finally:
+            a1.proc.send_signal(signal.SIGCONT)
+    finally:
+        for c in (fail_client, partial_client):
+            c.close()
+        stop_server(fail_server, config)
+        stop_server(partial_server, config)
+        for r in (fail_router, partial_router, quick, hedged, plain):
+            r.close()
+
+
+def test_a_damaged_snapshot_is_refused(datastore_dir, tmp_path):
+    from datastore.errors import FailedPrecondition
+    from datastore.snapshot import Chunk, SnapshotSource, download
+
+    with open_datastore(datastore_dir, shard_ids=[1]) as ds:
+        source = SnapshotSource(ds)
+        whole = download(lambda sid, off: source.read(sid, 1, False, off), tmp_path / "good")
+        assert whole.write_seq == ds.shards[0].seq and whole.total_bytes == (tmp_path / "good" / "data.mdb").stat().st_size
+
+        def flip(sid: str, off: int) -> Chunk:
+            c = source.read(sid, 1, False, off)
+            return Chunk(c.snapshot_id, bytes([c.data[0] ^ 1]) + c.data[1:], c.total_bytes, c.sha256, c.write_seq,
+                         c.last)
+
+        with pytest.raises(FailedPrecondition, match="damaged"):
+            download(flip, tmp_path / "bad")
+        with pytest.raises(NotFound):  # only shard 1 is served here
+            source.read("", 0, False, 0)
+        source.close()

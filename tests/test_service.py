@@ -481,7 +481,8 @@ def test_server_reflection_lists_and_describes_the_service(server):
         files.file_descriptor_response.file_descriptor_proto[0])
     assert fd.package == "datastore.v1"
     assert {m.name for m in fd.service[0].method} == {"Search", "GetPassages", "Upsert", "Delete", "Stats",
-                                                      "CreateTenant", "DropTenant", "ListTenants", "Grant", "Revoke"}
+                                                      "CreateTenant", "DropTenant", "ListTenants", "Grant", "Revoke",
+                                                      "ReadSnapshot"}
 
 
 # -- durability ---------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x64\x61tastore/v1/datastore.proto\x12\x0c\x64\x61tastore.v1\"S\n\x06Vector\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0b\n\x03\x64im\x18\x02 \x01(\r\x12.\n\x08\x65ncoding\x18\x03 \x01(\x0e\x32\x1c.datastore.v1.VectorEncoding\"\xc7\x01\n\x07Passage\x12\x0f\n\x02id\x18\x01 \x01(\x04H\x00\x88\x01\x01\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\r\n\x05title\x18\x03 \x01(\t\x12\x0e\n\x06source\x18\x04 \x01(\t\x12\x0f\n\x07tenants\x18\x05 \x03(\t\x12\x35\n\x08metadata\x18\x06 \x03(\x0b\x32#.datastore.v1.Passage.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x05\n\x03_id\"H\n\x05Query\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12&\n\x06vector\x18\x02 \x01(\x0b\x32\x14.datastore.v1.VectorH\x00\x42\x07\n\x05query\"\x88\x02\n\x0cSearchParams\x12\x13\n\x06nprobe\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x1a\n\rprune_epsilon\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x16\n\tef_search\x18\x03 \x01(\rH\x02\x88\x01\x01\x12\x17\n\noversample\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x1d\n\x10\x63\x61ndidate_budget\x18\x05 \x01(\rH\x04\x88\x01\x01\x12\x18\n\x0bquery_model\x18\x06 \x01(\tH\x05\x88\x01\x01\x42\t\n\x07_nprobeB\x10\n\x0e_prune_epsilonB\x0c\n\n_ef_searchB\r\n\x0b_oversampleB\x13\n\x11_candidate_budgetB\x0e\n\x0c_query_model\"\xa3\x02\n\rSearchRequest\x12$\n\x07queries\x18\x01 \x03(\x0b\x32\x13.datastore.v1.Query\x12\t\n\x01k\x18\x02 \x01(\r\x12\x13\n\x06tenant\x18\x03 \x01(\tH\x00\x88\x01\x01\x12H\n\x0fmetadata_filter\x18\x04 \x03(\x0b\x32/.datastore.v1.SearchRequest.MetadataFilterEntry\x12*\n\x06params\x18\x05 \x01(\x0b\x32\x1a.datastore.v1.SearchParams\x12\x14\n\x0cinclude_text\x18\x06 \x01(\x08\x1a\x35\n\x13MetadataFilterEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\t\n\x07_tenant\"H\n\x03Hit\x12\n\n\x02id\x18\x01 \x01(\x04\x12\r\n\x05score\x18\x02 \x01(\x02\x12&\n\x07passage\x18\x03 \x01(\x0b\x32\x15.datastore.v1.Passage\".\n\x0bQueryResult\x12\x1f\n\x04hits\x18\x01 \x03(\x0b\x32\x11.datastore.v1.Hit\"T\n\x0eSearchResponse\x12*\n\x07results\x18\x01 \x03(\x0b\x32\x19.datastore.v1.QueryResult\x12\x16\n\x0emissing_shards\x18\x02 \x03(\r\"A\n\x12GetPassagesRequest\x12\x0b\n\x03ids\x18\x01 \x03(\x04\x12\x13\n\x06tenant\x18\x02 \x01(\tH\x00\x88\x01\x01\x42\t\n\x07_tenant\">\n\x13GetPassagesResponse\x12\'\n\x08passages\x18\x01 \x03(\x0b\x32\x15.datastore.v1.Passage\"Z\n\nUpsertItem\x12&\n\x07passage\x18\x01 \x01(\x0b\x32\x15.datastore.v1.Passage\x12$\n\x06vector\x18\x02 \x01(\x0b\x32\x14.datastore.v1.Vector\"/\n\x0eUpsertResponse\x12\x10\n\x08upserted\x18\x01 \x01(\x04\x12\x0b\n\x03ids\x18\x02 \x03(\x04\"\x1c\n\rDeleteRequest\x12\x0b\n\x03ids\x18\x01 \x03(\x04\"!\n\x0e\x44\x65leteResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x04\"\x0e\n\x0cStatsRequest\"\x8b\x01\n\nShardStats\x12\x10\n\x08shard_id\x18\x01 \x01(\r\x12\x10\n\x08passages\x18\x02 \x01(\x04\x12\x0f\n\x07vectors\x18\x03 \x01(\x04\x12\x12\n\ndisk_bytes\x18\x04 \x01(\x04\x12\x1a\n\x12index_memory_bytes\x18\x05 \x01(\x04\x12\x18\n\x10index_disk_bytes\x18\x06 \x01(\x04\"\xb6\x01\n\rStatsResponse\x12\x10\n\x08passages\x18\x01 \x01(\x04\x12\x0b\n\x03\x64im\x18\x02 \x01(\r\x12\r\n\x05model\x18\x03 \x01(\t\x12\x12\n\nindex_kind\x18\x04 \x01(\t\x12\x0e\n\x06metric\x18\x05 \x01(\t\x12(\n\x06shards\x18\x06 \x03(\x0b\x32\x18.datastore.v1.ShardStats\x12\x15\n\rmanifest_json\x18\x07 \x01(\t\x12\x12\n\nnum_shards\x18\x08 \x01(\r\"#\n\x13\x43reateTenantRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x16\n\x14\x43reateTenantResponse\"!\n\x11\x44ropTenantRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"H\n\x12\x44ropTenantResponse\x12\x18\n\x10\x64\x65leted_passages\x18\x01 \x01(\x04\x12\x18\n\x10updated_passages\x18\x02 \x01(\x04\"\x14\n\x12ListTenantsRequest\"$\n\x13ListTenantsResponse\x12\r\n\x05names\x18\x01 \x03(\t\",\n\rAccessRequest\x12\x0b\n\x03ids\x18\x01 \x03(\x04\x12\x0e\n\x06tenant\x18\x02 \x01(\t\"!\n\x0e\x41\x63\x63\x65ssResponse\x12\x0f\n\x07\x63hanged\x18\x01 \x01(\x04*\x87\x01\n\x0eVectorEncoding\x12\x1f\n\x1bVECTOR_ENCODING_UNSPECIFIED\x10\x00\x12\x1b\n\x17VECTOR_ENCODING_FLOAT32\x10\x01\x12\x1b\n\x17VECTOR_ENCODING_FLOAT16\x10\x02\x12\x1a\n\x16VECTOR_ENCODING_BINARY\x10\x03\x32\xf4\x05\n\tDatastore\x12\x43\n\x06Search\x12\x1b.datastore.v1.SearchRequest\x1a\x1c.datastore.v1.SearchResponse\x12R\n\x0bGetPassages\x12 .datastore.v1.GetPassagesRequest\x1a!.datastore.v1.GetPassagesResponse\x12\x42\n\x06Upsert\x12\x18.datastore.v1.UpsertItem\x1a\x1c.datastore.v1.UpsertResponse(\x01\x12\x43\n\x06\x44\x65lete\x12\x1b.datastore.v1.DeleteRequest\x1a\x1c.datastore.v1.DeleteResponse\x12@\n\x05Stats\x12\x1a.datastore.v1.StatsRequest\x1a\x1b.datastore.v1.StatsResponse\x12U\n\x0c\x43reateTenant\x12!.datastore.v1.CreateTenantRequest\x1a\".datastore.v1.CreateTenantResponse\x12O\n\nDropTenant\x12\x1f.datastore.v1.DropTenantRequest\x1a .datastore.v1.DropTenantResponse\x12R\n\x0bListTenants\x12 .datastore.v1.ListTenantsRequest\x1a!.datastore.v1.ListTenantsResponse\x12\x42\n\x05Grant\x12\x1b.datastore.v1.AccessRequest\x1a\x1c.datastore.v1.AccessResponse\x12\x43\n\x06Revoke\x12\x1b.datastore.v1.AccessRequest\x1a\x1c.datastore.v1.AccessResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x64\x61tastore/v1/datastore.proto\x12\x0c\x64\x61tastore.v1\"S\n\x06Vector\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0b\n\x03\x64im\x18\x02 \x01(\r\x12.\n\x08\x65ncoding\x18\x03 \x01(\x0e\x32\x1c.datastore.v1.VectorEncoding\"\xc7\x01\n\x07Passage\x12\x0f\n\x02id\x18\x01 \x01(\x04H\x00\x88\x01\x01\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\r\n\x05title\x18\x03 \x01(\t\x12\x0e\n\x06source\x18\x04 \x01(\t\x12\x0f\n\x07tenants\x18\x05 \x03(\t\x12\x35\n\x08metadata\x18\x06 \x03(\x0b\x32#.datastore.v1.Passage.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x05\n\x03_id\"H\n\x05Query\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12&\n\x06vector\x18\x02 \x01(\x0b\x32\x14.datastore.v1.VectorH\x00\x42\x07\n\x05query\"\x88\x02\n\x0cSearchParams\x12\x13\n\x06nprobe\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x1a\n\rprune_epsilon\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x16\n\tef_search\x18\x03 \x01(\rH\x02\x88\x01\x01\x12\x17\n\noversample\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x1d\n\x10\x63\x61ndidate_budget\x18\x05 \x01(\rH\x04\x88\x01\x01\x12\x18\n\x0bquery_model\x18\x06 \x01(\tH\x05\x88\x01\x01\x42\t\n\x07_nprobeB\x10\n\x0e_prune_epsilonB\x0c\n\n_ef_searchB\r\n\x0b_oversampleB\x13\n\x11_candidate_budgetB\x0e\n\x0c_query_model\"\xa3\x02\n\rSearchRequest\x12$\n\x07queries\x18\x01 \x03(\x0b\x32\x13.datastore.v1.Query\x12\t\n\x01k\x18\x02 \x01(\r\x12\x13\n\x06tenant\x18\x03 \x01(\tH\x00\x88\x01\x01\x12H\n\x0fmetadata_filter\x18\x04 \x03(\x0b\x32/.datastore.v1.SearchRequest.MetadataFilterEntry\x12*\n\x06params\x18\x05 \x01(\x0b\x32\x1a.datastore.v1.SearchParams\x12\x14\n\x0cinclude_text\x18\x06 \x01(\x08\x1a\x35\n\x13MetadataFilterEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\t\n\x07_tenant\"H\n\x03Hit\x12\n\n\x02id\x18\x01 \x01(\x04\x12\r\n\x05score\x18\x02 \x01(\x02\x12&\n\x07passage\x18\x03 \x01(\x0b\x32\x15.datastore.v1.Passage\".\n\x0bQueryResult\x12\x1f\n\x04hits\x18\x01 \x03(\x0b\x32\x11.datastore.v1.Hit\"T\n\x0eSearchResponse\x12*\n\x07results\x18\x01 \x03(\x0b\x32\x19.datastore.v1.QueryResult\x12\x16\n\x0emissing_shards\x18\x02 \x03(\r\"A\n\x12GetPassagesRequest\x12\x0b\n\x03ids\x18\x01 \x03(\x04\x12\x13\n\x06tenant\x18\x02 \x01(\tH\x00\x88\x01\x01\x42\t\n\x07_tenant\">\n\x13GetPassagesResponse\x12\'\n\x08passages\x18\x01 \x03(\x0b\x32\x15.datastore.v1.Passage\"Z\n\nUpsertItem\x12&\n\x07passage\x18\x01 \x01(\x0b\x32\x15.datastore.v1.Passage\x12$\n\x06vector\x18\x02 \x01(\x0b\x32\x14.datastore.v1.Vector\"/\n\x0eUpsertResponse\x12\x10\n\x08upserted\x18\x01 \x01(\x04\x12\x0b\n\x03ids\x18\x02 \x03(\x04\"\x1c\n\rDeleteRequest\x12\x0b\n\x03ids\x18\x01 \x03(\x04\"!\n\x0e\x44\x65leteResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x04\"#\n\x0cStatsRequest\x12\x13\n\x0bwith_digest\x18\x01 \x01(\x08\"\xae\x01\n\nShardStats\x12\x10\n\x08shard_id\x18\x01 \x01(\r\x12\x10\n\x08passages\x18\x02 \x01(\x04\x12\x0f\n\x07vectors\x18\x03 \x01(\x04\x12\x12\n\ndisk_bytes\x18\x04 \x01(\x04\x12\x1a\n\x12index_memory_bytes\x18\x05 \x01(\x04\x12\x18\n\x10index_disk_bytes\x18\x06 \x01(\x04\x12\x11\n\twrite_seq\x18\x07 \x01(\x04\x12\x0e\n\x06\x64igest\x18\x08 \x01(\t\"c\n\rReplicaStatus\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x11\n\tshard_ids\x18\x02 \x03(\r\x12\x0f\n\x07healthy\x18\x03 \x01(\x08\x12\r\n\x05stale\x18\x04 \x01(\x08\x12\x0e\n\x06reason\x18\x05 \x01(\t\"\xfa\x01\n\rStatsResponse\x12\x10\n\x08passages\x18\x01 \x01(\x04\x12\x0b\n\x03\x64im\x18\x02 \x01(\r\x12\r\n\x05model\x18\x03 \x01(\t\x12\x12\n\nindex_kind\x18\x04 \x01(\t\x12\x0e\n\x06metric\x18\x05 \x01(\t\x12(\n\x06shards\x18\x06 \x03(\x0b\x32\x18.datastore.v1.ShardStats\x12\x15\n\rmanifest_json\x18\x07 \x01(\t\x12\x12\n\nnum_shards\x18\x08 \x01(\r\x12-\n\x08replicas\x18\t \x03(\x0b\x32\x1b.datastore.v1.ReplicaStatus\x12\x13\n\x0binstance_id\x18\n \x01(\t\"#\n\x13\x43reateTenantRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x16\n\x14\x43reateTenantResponse\"!\n\x11\x44ropTenantRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"H\n\x12\x44ropTenantResponse\x12\x18\n\x10\x64\x65leted_passages\x18\x01 \x01(\x04\x12\x18\n\x10updated_passages\x18\x02 \x01(\x04\"\x14\n\x12ListTenantsRequest\"$\n\x13ListTenantsResponse\x12\r\n\x05names\x18\x01 \x03(\t\",\n\rAccessRequest\x12\x0b\n\x03ids\x18\x01 \x03(\x04\x12\x0e\n\x06tenant\x18\x02 \x01(\t\"!\n\x0e\x41\x63\x63\x65ssResponse\x12\x0f\n\x07\x63hanged\x18\x01 \x01(\x04\"]\n\x13ReadSnapshotRequest\x12\x13\n\x0bsnapshot_id\x18\x01 \x01(\t\x12\x10\n\x08shard_id\x18\x02 \x01(\r\x12\x0f\n\x07\x63ontrol\x18\x03 \x01(\x08\x12\x0e\n\x06offset\x18\x04 \x01(\x04\"x\n\rSnapshotChunk\x12\x13\n\x0bsnapshot_id\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x13\n\x0btotal_bytes\x18\x03 \x01(\x04\x12\x0e\n\x06sha256\x18\x04 \x01(\t\x12\x11\n\twrite_seq\x18\x05 \x01(\x04\x12\x0c\n\x04last\x18\x06 \x01(\x08*\x87\x01\n\x0eVectorEncoding\x12\x1f\n\x1bVECTOR_ENCODING_UNSPECIFIED\x10\x00\x12\x1b\n\x17VECTOR_ENCODING_FLOAT32\x10\x01\x12\x1b\n\x17VECTOR_ENCODING_FLOAT16\x10\x02\x12\x1a\n\x16VECTOR_ENCODING_BINARY\x10\x03\x32\xc4\x06\n\tDatastore\x12\x43\n\x06Search\x12\x1b.datastore.v1.SearchRequest\x1a\x1c.datastore.v1.SearchResponse\x12R\n\x0bGetPassages\x12 .datastore.v1.GetPassagesRequest\x1a!.datastore.v1.GetPassagesResponse\x12\x42\n\x06Upsert\x12\x18.datastore.v1.UpsertItem\x1a\x1c.datastore.v1.UpsertResponse(\x01\x12\x43\n\x06\x44\x65lete\x12\x1b.datastore.v1.DeleteRequest\x1a\x1c.datastore.v1.DeleteResponse\x12@\n\x05Stats\x12\x1a.datastore.v1.StatsRequest\x1a\x1b.datastore.v1.StatsResponse\x12U\n\x0c\x43reateTenant\x12!.datastore.v1.CreateTenantRequest\x1a\".datastore.v1.CreateTenantResponse\x12O\n\nDropTenant\x12\x1f.datastore.v1.DropTenantRequest\x1a .datastore.v1.DropTenantResponse\x12R\n\x0bListTenants\x12 .datastore.v1.ListTenantsRequest\x1a!.datastore.v1.ListTenantsResponse\x12\x42\n\x05Grant\x12\x1b.datastore.v1.AccessRequest\x1a\x1c.datastore.v1.AccessResponse\x12\x43\n\x06Revoke\x12\x1b.datastore.v1.AccessRequest\x1a\x1c.datastore.v1.AccessResponse\x12N\n\x0cReadSnapshot\x12!.datastore.v1.ReadSnapshotRequest\x1a\x1b.datastore.v1.SnapshotChunkb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,8 +35,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PASSAGE_METADATAENTRY']._serialized_options = b'8\001'
   _globals['_SEARCHREQUEST_METADATAFILTERENTRY']._loaded_options = None
   _globals['_SEARCHREQUEST_METADATAFILTERENTRY']._serialized_options = b'8\001'
-  _globals['_VECTORENCODING']._serialized_start=2168
-  _globals['_VECTORENCODING']._serialized_end=2303
+  _globals['_VECTORENCODING']._serialized_start=2610
+  _globals['_VECTORENCODING']._serialized_end=2745
   _globals['_VECTOR']._serialized_start=46
   _globals['_VECTOR']._serialized_end=129
   _globals['_PASSAGE']._serialized_start=132
@@ -70,27 +70,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DELETERESPONSE']._serialized_start=1478
   _globals['_DELETERESPONSE']._serialized_end=1511
   _globals['_STATSREQUEST']._serialized_start=1513
-  _globals['_STATSREQUEST']._serialized_end=1527
-  _globals['_SHARDSTATS']._serialized_start=1530
-  _globals['_SHARDSTATS']._serialized_end=1669
-  _globals['_STATSRESPONSE']._serialized_start=1672
-  _globals['_STATSRESPONSE']._serialized_end=1854
-  _globals['_CREATETENANTREQUEST']._serialized_start=1856
-  _globals['_CREATETENANTREQUEST']._serialized_end=1891
-  _globals['_CREATETENANTRESPONSE']._serialized_start=1893
-  _globals['_CREATETENANTRESPONSE']._serialized_end=1915
-  _globals['_DROPTENANTREQUEST']._serialized_start=1917
-  _globals['_DROPTENANTREQUEST']._serialized_end=1950
-  _globals['_DROPTENANTRESPONSE']._serialized_start=1952
-  _globals['_DROPTENANTRESPONSE']._serialized_end=2024
-  _globals['_LISTTENANTSREQUEST']._serialized_start=2026
-  _globals['_LISTTENANTSREQUEST']._serialized_end=2046
-  _globals['_LISTTENANTSRESPONSE']._serialized_start=2048
-  _globals['_LISTTENANTSRESPONSE']._serialized_end=2084
-  _globals['_ACCESSREQUEST']._serialized_start=2086
-  _globals['_ACCESSREQUEST']._serialized_end=2130
-  _globals['_ACCESSRESPONSE']._serialized_start=2132
-  _globals['_ACCESSRESPONSE']._serialized_end=2165
-  _globals['_DATASTORE']._serialized_start=2306
-  _globals['_DATASTORE']._serialized_end=3062
+  _globals['_STATSREQUEST']._serialized_end=1548
+  _globals['_SHARDSTATS']._serialized_start=1551
+  _globals['_SHARDSTATS']._serialized_end=1725
+  _globals['_REPLICASTATUS']._serialized_start=1727
+  _globals['_REPLICASTATUS']._serialized_end=1826
+  _globals['_STATSRESPONSE']._serialized_start=1829
+  _globals['_STATSRESPONSE']._serialized_end=2079
+  _globals['_CREATETENANTREQUEST']._serialized_start=2081
+  _globals['_CREATETENANTREQUEST']._serialized_end=2116
+  _globals['_CREATETENANTRESPONSE']._serialized_start=2118
+  _globals['_CREATETENANTRESPONSE']._serialized_end=2140
+  _globals['_DROPTENANTREQUEST']._serialized_start=2142
+  _globals['_DROPTENANTREQUEST']._serialized_end=2175
+  _globals['_DROPTENANTRESPONSE']._serialized_start=2177
+  _globals['_DROPTENANTRESPONSE']._serialized_end=2249
+  _globals['_LISTTENANTSREQUEST']._serialized_start=2251
+  _globals['_LISTTENANTSREQUEST']._serialized_end=2271
+  _globals['_LISTTENANTSRESPONSE']._serialized_start=2273
+  _globals['_LISTTENANTSRESPONSE']._serialized_end=2309
+  _globals['_ACCESSREQUEST']._serialized_start=2311
+  _globals['_ACCESSREQUEST']._serialized_end=2355
+  _globals['_ACCESSRESPONSE']._serialized_start=2357
+  _globals['_ACCESSRESPONSE']._serialized_end=2390
+  _globals['_READSNAPSHOTREQUEST']._serialized_start=2392
+  _globals['_READSNAPSHOTREQUEST']._serialized_end=2485
+  _globals['_SNAPSHOTCHUNK']._serialized_start=2487
+  _globals['_SNAPSHOTCHUNK']._serialized_end=2607
+  _globals['_DATASTORE']._serialized_start=2748
+  _globals['_DATASTORE']._serialized_end=3584
 # @@protoc_insertion_point(module_scope)

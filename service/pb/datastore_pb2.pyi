@@ -165,27 +165,47 @@ class DeleteResponse(_message.Message):
     def __init__(self, deleted: _Optional[int] = ...) -> None: ...
 
 class StatsRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("with_digest",)
+    WITH_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    with_digest: bool
+    def __init__(self, with_digest: _Optional[bool] = ...) -> None: ...
 
 class ShardStats(_message.Message):
-    __slots__ = ("shard_id", "passages", "vectors", "disk_bytes", "index_memory_bytes", "index_disk_bytes")
+    __slots__ = ("shard_id", "passages", "vectors", "disk_bytes", "index_memory_bytes", "index_disk_bytes", "write_seq", "digest")
     SHARD_ID_FIELD_NUMBER: _ClassVar[int]
     PASSAGES_FIELD_NUMBER: _ClassVar[int]
     VECTORS_FIELD_NUMBER: _ClassVar[int]
     DISK_BYTES_FIELD_NUMBER: _ClassVar[int]
     INDEX_MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
     INDEX_DISK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    WRITE_SEQ_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
     shard_id: int
     passages: int
     vectors: int
     disk_bytes: int
     index_memory_bytes: int
     index_disk_bytes: int
-    def __init__(self, shard_id: _Optional[int] = ..., passages: _Optional[int] = ..., vectors: _Optional[int] = ..., disk_bytes: _Optional[int] = ..., index_memory_bytes: _Optional[int] = ..., index_disk_bytes: _Optional[int] = ...) -> None: ...
+    write_seq: int
+    digest: str
+    def __init__(self, shard_id: _Optional[int] = ..., passages: _Optional[int] = ..., vectors: _Optional[int] = ..., disk_bytes: _Optional[int] = ..., index_memory_bytes: _Optional[int] = ..., index_disk_bytes: _Optional[int] = ..., write_seq: _Optional[int] = ..., digest: _Optional[str] = ...) -> None: ...
+
+class ReplicaStatus(_message.Message):
+    __slots__ = ("address", "shard_ids", "healthy", "stale", "reason")
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    SHARD_IDS_FIELD_NUMBER: _ClassVar[int]
+    HEALTHY_FIELD_NUMBER: _ClassVar[int]
+    STALE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    address: str
+    shard_ids: _containers.RepeatedScalarFieldContainer[int]
+    healthy: bool
+    stale: bool
+    reason: str
+    def __init__(self, address: _Optional[str] = ..., shard_ids: _Optional[_Iterable[int]] = ..., healthy: _Optional[bool] = ..., stale: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("passages", "dim", "model", "index_kind", "metric", "shards", "manifest_json", "num_shards")
+    __slots__ = ("passages", "dim", "model", "index_kind", "metric", "shards", "manifest_json", "num_shards", "replicas", "instance_id")
     PASSAGES_FIELD_NUMBER: _ClassVar[int]
     DIM_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -194,6 +214,8 @@ class StatsResponse(_message.Message):
     SHARDS_FIELD_NUMBER: _ClassVar[int]
     MANIFEST_JSON_FIELD_NUMBER: _ClassVar[int]
     NUM_SHARDS_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     passages: int
     dim: int
     model: str
@@ -202,7 +224,9 @@ class StatsResponse(_message.Message):
     shards: _containers.RepeatedCompositeFieldContainer[ShardStats]
     manifest_json: str
     num_shards: int
-    def __init__(self, passages: _Optional[int] = ..., dim: _Optional[int] = ..., model: _Optional[str] = ..., index_kind: _Optional[str] = ..., metric: _Optional[str] = ..., shards: _Optional[_Iterable[_Union[ShardStats, _Mapping]]] = ..., manifest_json: _Optional[str] = ..., num_shards: _Optional[int] = ...) -> None: ...
+    replicas: _containers.RepeatedCompositeFieldContainer[ReplicaStatus]
+    instance_id: str
+    def __init__(self, passages: _Optional[int] = ..., dim: _Optional[int] = ..., model: _Optional[str] = ..., index_kind: _Optional[str] = ..., metric: _Optional[str] = ..., shards: _Optional[_Iterable[_Union[ShardStats, _Mapping]]] = ..., manifest_json: _Optional[str] = ..., num_shards: _Optional[int] = ..., replicas: _Optional[_Iterable[_Union[ReplicaStatus, _Mapping]]] = ..., instance_id: _Optional[str] = ...) -> None: ...
 
 class CreateTenantRequest(_message.Message):
     __slots__ = ("name",)
@@ -251,3 +275,31 @@ class AccessResponse(_message.Message):
     CHANGED_FIELD_NUMBER: _ClassVar[int]
     changed: int
     def __init__(self, changed: _Optional[int] = ...) -> None: ...
+
+class ReadSnapshotRequest(_message.Message):
+    __slots__ = ("snapshot_id", "shard_id", "control", "offset")
+    SNAPSHOT_ID_FIELD_NUMBER: _ClassVar[int]
+    SHARD_ID_FIELD_NUMBER: _ClassVar[int]
+    CONTROL_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    snapshot_id: str
+    shard_id: int
+    control: bool
+    offset: int
+    def __init__(self, snapshot_id: _Optional[str] = ..., shard_id: _Optional[int] = ..., control: _Optional[bool] = ..., offset: _Optional[int] = ...) -> None: ...
+
+class SnapshotChunk(_message.Message):
+    __slots__ = ("snapshot_id", "data", "total_bytes", "sha256", "write_seq", "last")
+    SNAPSHOT_ID_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    WRITE_SEQ_FIELD_NUMBER: _ClassVar[int]
+    LAST_FIELD_NUMBER: _ClassVar[int]
+    snapshot_id: str
+    data: bytes
+    total_bytes: int
+    sha256: str
+    write_seq: int
+    last: bool
+    def __init__(self, snapshot_id: _Optional[str] = ..., data: _Optional[bytes] = ..., total_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., write_seq: _Optional[int] = ..., last: _Optional[bool] = ...) -> None: ...

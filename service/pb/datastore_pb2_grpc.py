@@ -84,6 +84,11 @@ class DatastoreStub:
                 request_serializer=datastore_dot_v1_dot_datastore__pb2.AccessRequest.SerializeToString,
                 response_deserializer=datastore_dot_v1_dot_datastore__pb2.AccessResponse.FromString,
                 _registered_method=True)
+        self.ReadSnapshot = channel.unary_unary(
+                '/datastore.v1.Datastore/ReadSnapshot',
+                request_serializer=datastore_dot_v1_dot_datastore__pb2.ReadSnapshotRequest.SerializeToString,
+                response_deserializer=datastore_dot_v1_dot_datastore__pb2.SnapshotChunk.FromString,
+                _registered_method=True)
 
 
 class DatastoreServicer:
@@ -154,6 +159,13 @@ class DatastoreServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReadSnapshot(self, request, context):
+        """A consistent copy of one shard, in chunks (admin; shard servers only).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DatastoreServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -206,6 +218,11 @@ def add_DatastoreServicer_to_server(servicer, server):
                     servicer.Revoke,
                     request_deserializer=datastore_dot_v1_dot_datastore__pb2.AccessRequest.FromString,
                     response_serializer=datastore_dot_v1_dot_datastore__pb2.AccessResponse.SerializeToString,
+            ),
+            'ReadSnapshot': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReadSnapshot,
+                    request_deserializer=datastore_dot_v1_dot_datastore__pb2.ReadSnapshotRequest.FromString,
+                    response_serializer=datastore_dot_v1_dot_datastore__pb2.SnapshotChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -478,6 +495,33 @@ class Datastore:
             '/datastore.v1.Datastore/Revoke',
             datastore_dot_v1_dot_datastore__pb2.AccessRequest.SerializeToString,
             datastore_dot_v1_dot_datastore__pb2.AccessResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReadSnapshot(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/datastore.v1.Datastore/ReadSnapshot',
+            datastore_dot_v1_dot_datastore__pb2.ReadSnapshotRequest.SerializeToString,
+            datastore_dot_v1_dot_datastore__pb2.SnapshotChunk.FromString,
             options,
             channel_credentials,
             insecure,
