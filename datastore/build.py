@@ -11,16 +11,16 @@ thread runs the encoder (torch releases the GIL), and a thread writes to LMDB.
 
 from __future__ import annotations
 
-import os
 import platform
 import queue
 import shutil
 import threading
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -31,7 +31,16 @@ from datastore.dedup import DedupConfig, Deduplicator
 from datastore.encoder import DEFAULT_MODEL, Encoder
 from datastore.errors import AlreadyExists, InvalidArgument, NotFound
 from datastore.indexing import build_shard
-from datastore.manifest import MANIFEST, ChunkingInfo, DedupInfo, IndexInfo, Manifest, ModelInfo, shard_dir
+from datastore.manifest import (
+    MANIFEST,
+    ChunkingInfo,
+    DedupInfo,
+    IndexInfo,
+    Manifest,
+    ModelInfo,
+    new_datastore_id,
+    shard_dir,
+)
 from datastore.progress import BuildProgress
 from datastore.readers import ReadStats, check_inputs, count_documents, iter_documents
 from datastore.records import VECTOR_DTYPES, Passage
@@ -136,6 +145,7 @@ def _new_manifest(cfg: BuildConfig, dim: int, revision: str) -> Manifest:
         index=IndexInfo(cfg.index_kind, cfg.metric, dict(cfg.index_params)),
         num_shards=cfg.shards,
         vector_dtype=cfg.vector_dtype,
+        datastore_id=new_datastore_id(),
         provenance={
             "inputs": [_describe_input(s) for s in cfg.inputs]
             + ([_describe_input(str(cfg.embeddings))] if cfg.embeddings else []),
@@ -169,7 +179,8 @@ def _check_out_dir(cfg: BuildConfig, manifest: Manifest) -> Manifest | None:
                                 hint="rerun with the original settings and inputs, or delete the directory")
         raise AlreadyExists(f"{cfg.out} holds another datastore (differs in: {', '.join(diff)})",
                             hint="choose another --out directory, or delete that one")
-    if cfg.out.exists() and any(cfg.out.iterdir()):
+    # a manifest temp file alone is what a build killed while writing its first manifest leaves
+    if cfg.out.exists() and any(p.name != MANIFEST + ".tmp" for p in cfg.out.iterdir()):
         raise AlreadyExists(f"{cfg.out} is not empty and holds no datastore",
                             hint="choose a new or empty --out directory")
     return None
@@ -330,6 +341,7 @@ def build(cfg: BuildConfig, encoder_factory: Callable[[], Encoder] | None = None
     total_docs = count_documents(cfg.inputs, cfg.limit_docs)
     if existing is not None:
         manifest.provenance["started_at"] = existing.provenance.get("started_at")
+        manifest.datastore_id = existing.datastore_id  # the shards are stamped with it
     created_dir = not cfg.out.exists()
     cfg.out.mkdir(parents=True, exist_ok=True)
     manifest.save(cfg.out)

@@ -3,6 +3,12 @@
 An index directory records the shard write sequence it reflects; `open_index` rebuilds
 from LMDB when the sequence differs (a crash between an LMDB commit and the index save),
 so LMDB is the single source of truth and an index can always be thrown away.
+
+A save is a small commit protocol: drop the `seq` file, write the index files, fsync them,
+record their sizes and checksums (checksums.json), then write `seq` last. After a crash or
+a power cut the directory either has no `seq` (rebuilt on open) or holds files that match
+their checksums. A `seq` that matches but a file that does not is damage, not a crash: the
+open fails naming the file (rebuilding silently would hide a failing disk).
 """
 
 from __future__ import annotations
@@ -11,6 +17,17 @@ from pathlib import Path
 
 import numpy as np
 
+from datastore.errors import FailedPrecondition, ResourceExhausted
+from datastore.integrity import (
+    CHECKSUMS_FILE,
+    atomic_write,
+    files_under,
+    fsync_path,
+    read_checksums,
+    record_checksums,
+    verify_checksums,
+    write_failed_for_space,
+)
 from datastore.manifest import IndexInfo
 from datastore.shard import Shard
 from index import VectorIndex, create_index, load_index
@@ -48,26 +65,85 @@ def build_index(shard: Shard, info: IndexInfo, seed: int = 0) -> VectorIndex:
 
 
 def save_index(shard: Shard, index: VectorIndex, seq: int | None = None) -> None:
-    """Save in place, dropping the sequence file first and writing it last: a crash at any
-    point leaves no sequence file (so the next open rebuilds) or a complete index."""
+    """Save in place, dropping the sequence file first and writing it last (after the files
+    and their checksums are durable): a crash at any point leaves no sequence file (so the
+    next open rebuilds) or a complete index. A full disk raises ResourceExhausted and leaves
+    no sequence file."""
     d = index_dir(shard)
-    d.mkdir(parents=True, exist_ok=True)
-    (d / SEQ_FILE).unlink(missing_ok=True)
-    index.save(d)
-    tmp = d / (SEQ_FILE + ".tmp")
-    tmp.write_text(str(shard.seq if seq is None else seq))
-    tmp.replace(d / SEQ_FILE)
+    seq = shard.seq if seq is None else seq
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        drop_commit(shard)
+        index.save(d)
+        record_checksums(d, files_under(d, skip=(SEQ_FILE,)), {"seq": seq})
+        atomic_write(d / SEQ_FILE, str(seq).encode())
+    except Exception as e:  # faiss reports a failed write as RuntimeError, numpy and json as OSError
+        if write_failed_for_space(e, d):
+            (d / SEQ_FILE).unlink(missing_ok=True)
+            for tmp in d.glob("*.tmp*"):  # half-written files only take the space someone must free
+                tmp.unlink(missing_ok=True)
+            raise ResourceExhausted(f"shard {shard.shard_id}: disk full saving the index in {d} ({e})",
+                                    subject="disk", hint="free disk space; the data is safe in LMDB and the "
+                                                         "index is rebuilt from it on the next open") from e
+        raise
+
+
+def drop_commit(shard: Shard) -> None:
+    """Mark the saved index as not current (it is rebuilt on the next open). Call it before
+    anything that changes the index's state on disk without a save following at once."""
+    d = index_dir(shard)
+    if (d / SEQ_FILE).exists():
+        (d / SEQ_FILE).unlink()
+        fsync_path(d)
+
+
+def compact_index(shard: Shard, index: VectorIndex) -> None:
+    """Compact an index that can (SPANN merges small lists) and save it at once.
+
+    Compaction rewrites the index's lists in the shard's LMDB without a shard write, so the
+    shard's sequence does not change: the saved index would still look current while its
+    lists no longer match it. Dropping the commit first makes a crash in between rebuild."""
+    compact = getattr(index, "compact", None)
+    if compact is None:
+        return
+    drop_commit(shard)
+    compact()
+    save_index(shard, index)
 
 
 def open_index(shard: Shard, info: IndexInfo, seed: int = 0) -> VectorIndex:
-    """The shard's saved index when it reflects the shard's last write, else a rebuilt one."""
+    """The shard's saved index when it reflects the shard's last write, else a rebuilt one.
+
+    FailedPrecondition names the file when a current index is damaged (checksum, size, or
+    a file the index kind cannot parse)."""
     d = index_dir(shard)
     try:
-        if int((d / SEQ_FILE).read_text()) == shard.seq:
-            return load_index(info.kind, d, storage=shard.blob_store())
+        saved = int((d / SEQ_FILE).read_text())
     except (OSError, ValueError):
-        pass
+        saved = None
+    if saved is not None and saved == shard.seq:
+        return _load_verified(shard, info, d, saved)
+    # The rebuild rewrites the index's LMDB lists before its files: drop the commit first so
+    # a crash in between cannot pair a matching `seq` with half-rebuilt lists.
+    drop_commit(shard)
     return build_index(shard, info, seed)
+
+
+def _load_verified(shard: Shard, info: IndexInfo, d: Path, seq: int) -> VectorIndex:
+    hint = f"remove {d} to rebuild the index from the shard's LMDB (the passages are not affected)"
+    record = read_checksums(d, hint)
+    if record is not None:  # indexes saved before checksums existed have none
+        if record.get("seq") != seq:
+            raise FailedPrecondition(f"{d / CHECKSUMS_FILE} is damaged: it describes save {record.get('seq')}, "
+                                     f"but {d / SEQ_FILE} says {seq}", hint=hint)
+        verify_checksums(d, record, hint=hint)
+    try:
+        return load_index(info.kind, d, storage=shard.blob_store())
+    except FailedPrecondition:
+        raise
+    except Exception as e:  # an unparseable file the checksums did not cover (an older save)
+        raise FailedPrecondition(f"{d}: the saved {info.kind} index cannot be read: {type(e).__name__}: {e}",
+                                 hint=hint) from e
 
 
 def build_shard(directory: Path, shard_id: int, seed: int = 0) -> None:

@@ -1,27 +1,54 @@
 """One shard: an LMDB environment with named databases for passages, vectors and meta.
 
-Every write is one transaction (sync on commit, so an acknowledged write survives a
-crash) that also bumps the shard's write sequence; indexes saved beside the shard record
-the sequence they reflect, so a stale index is detected on open and rebuilt.
+Every write is one transaction that also bumps the shard's write sequence; indexes saved
+beside the shard record the sequence they reflect, so a stale index is detected on open
+and rebuilt.
+
+Durability: the environment is opened with LMDB's defaults spelled out (sync=True,
+metasync=True, writemap=False, map_async=False), so a commit returns only after the data
+pages and then the meta page are fdatasync'ed: a write that returned survives a process
+kill and a power cut; one that did not return is absent as a whole (the old meta page
+still names the old tree).
+
+Passages and vectors carry a CRC-32 of key and value (shards made before that carry none,
+marked by the meta key `record_checksum`), so a flipped byte in a record is an error
+naming the file and the id, not a wrong passage; LMDB's own page checks and the decoding of
+records turn other damage met while reading into FailedPrecondition as well.
+
+Open-time checks turn damage into FailedPrecondition naming the file instead of a crash
+later: LMDB's own meta checks (not an LMDB file, wrong version), a data file shorter than
+its committed pages, a directory that is not a shard, and a shard stamped with another
+datastore's id, shard number, dimension or vector type.
 """
 
 from __future__ import annotations
 
-import errno
+import json
 import struct
 import threading
+import zlib
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator, Sequence, TypeVar
+from typing import TypeVar
 
 import lmdb
 import numpy as np
 
 from datastore.errors import FailedPrecondition, ResourceExhausted
+from datastore.integrity import check_lmdb, write_failed_for_space
 from datastore.records import Passage, decode_vectors, encode_vector, key, key_id
 
 DATABASES = ("passages", "vectors", "codes", "postings", "meta")
 SEQ_KEY = b"seq"
 NEXT_ID_KEY = b"next_id"
+#: meta key of the shard's identity: {"datastore_id", "shard_id", "dim", "vector_dtype"}.
+IDENTITY_KEY = b"identity"
+#: meta key saying records end in a CRC-32 (of key + value): b"crc32".
+RECORD_CHECKSUM_KEY = b"record_checksum"
+_CRC = struct.Struct(">I")
+#: Databases every shard has from its creation: a store without them is not a shard.
+REQUIRED_DATABASES = ("passages", "vectors", "meta")
 INITIAL_MAP_SIZE = 1 << 30
 _U64 = struct.Struct(">Q")
 T = TypeVar("T")
@@ -31,28 +58,127 @@ class Shard:
     """Passages and vectors of one shard; safe to read from many threads while one writes."""
 
     def __init__(self, path: Path, shard_id: int, dim: int, vector_dtype: str, *, create: bool = False,
-                 readonly: bool = False) -> None:
+                 readonly: bool = False, datastore_id: str | None = None) -> None:
+        """`datastore_id`: the manifest's; None reads it from the manifest beside the shard
+        directory when there is one. A new shard is stamped with it, an existing one must
+        carry the same stamp (shards written before stamps carry none and are accepted)."""
         self.path = Path(path)
         self.shard_id = shard_id
         self.dim = dim
         self.vector_dtype = vector_dtype
-        if not create and not (self.path / "data.mdb").exists():
-            raise FailedPrecondition(f"shard {shard_id}: {self.path / 'data.mdb'} is missing",
+        if self.path.exists() and not self.path.is_dir():
+            raise FailedPrecondition(f"shard {shard_id}: {self.path} is a file, not a shard directory",
+                                     hint="restore the shard directory or rebuild the datastore")
+        data = self.path / "data.mdb"
+        if not create and not data.exists():
+            raise FailedPrecondition(f"shard {shard_id}: {data} is missing",
                                      hint="the datastore is incomplete; rebuild it or restore the shard")
+        if data.exists() and not data.is_file():
+            raise FailedPrecondition(f"shard {shard_id}: {data} is not a file",
+                                     hint="restore the shard directory or rebuild the datastore")
         self.path.mkdir(parents=True, exist_ok=True)
+        fresh = not data.exists()
         try:
             self.env = lmdb.open(str(self.path), map_size=INITIAL_MAP_SIZE, max_dbs=len(DATABASES),
-                                 max_readers=512, readonly=readonly, lock=not readonly, readahead=False)
+                                 max_readers=512, readonly=readonly, lock=not readonly, readahead=False,
+                                 sync=True, metasync=True, writemap=False, map_async=False)
         except lmdb.Error as e:
-            raise FailedPrecondition(f"shard {shard_id}: cannot open LMDB at {self.path}: {e}") from e
-        self.env.set_mapsize(max(INITIAL_MAP_SIZE, self.env.info()["map_size"]))
-        self.db = {name: self.env.open_db(name.encode(), create=not readonly) for name in DATABASES}
+            raise FailedPrecondition(f"shard {shard_id}: cannot open {data}: {e}",
+                                     hint="the file is damaged or not an LMDB file; restore it or rebuild") from e
+        try:
+            check_lmdb(self.env, self.path)
+            self.env.set_mapsize(max(INITIAL_MAP_SIZE, self.env.info()["map_size"]))
+            self.db = {}
+            for name in DATABASES:
+                must_exist = readonly or (not fresh and name in REQUIRED_DATABASES)
+                self.db[name] = self.env.open_db(name.encode(), create=not must_exist)
+        except lmdb.Error as e:
+            self.env.close()
+            what = "holds no shard of a datastore" if isinstance(e, (lmdb.NotFoundError, lmdb.IncompatibleError)) \
+                else "is damaged"
+            raise FailedPrecondition(f"shard {shard_id}: {data} {what}: {e}",
+                                     hint="restore the shard from a backup or rebuild the datastore") from e
+        except FailedPrecondition:
+            self.env.close()
+            raise
         self._write_lock = threading.Lock()
+        try:
+            if fresh and not readonly:
+                self.put_meta(RECORD_CHECKSUM_KEY.decode(), b"crc32")
+            self._crc = self.get_meta(RECORD_CHECKSUM_KEY.decode()) == b"crc32"
+            self._check_identity(self._datastore_id(datastore_id), stamp=not readonly)
+        except BaseException:
+            self.env.close()
+            raise
+
+    # -- record checksums and read errors -------------------------------------------------------
+
+    def _seal(self, k: bytes, value: bytes) -> bytes:
+        return value + _CRC.pack(zlib.crc32(value, zlib.crc32(k))) if self._crc else value
+
+    def _unseal(self, k: bytes, value, db: str) -> bytes:
+        value = bytes(value)
+        if not self._crc:
+            return value
+        if len(value) < 4 or _CRC.unpack(value[-4:])[0] != zlib.crc32(value[:-4], zlib.crc32(k)):
+            raise self._damaged(f"the {db} record of id {key_id(k)} fails its checksum")
+        return value[:-4]
+
+    def _damaged(self, what: str) -> FailedPrecondition:
+        return FailedPrecondition(f"shard {self.shard_id}: {self.path / 'data.mdb'} is damaged: {what}",
+                                  hint="restore the shard from a backup or a replica, or rebuild the datastore")
+
+    @contextmanager
+    def _reading(self):
+        """LMDB's page checks and record decoding failures, as damage of this shard's file."""
+        try:
+            yield
+        except lmdb.Error as e:
+            raise self._damaged(f"{type(e).__name__}: {e}") from e
+        except (ValueError, KeyError, TypeError) as e:  # a record that no longer decodes
+            if isinstance(e, FailedPrecondition) or (isinstance(e, KeyError) and str(e).startswith("'no vectors")):
+                raise
+            raise self._damaged(f"a record does not decode ({type(e).__name__}: {e})") from e
+
+    def _datastore_id(self, given: str | None) -> str:
+        if given is not None:
+            return given
+        manifest = self.path.parent / "manifest.json"
+        try:
+            return json.loads(manifest.read_text()).get("datastore_id", "")
+        except (OSError, ValueError, AttributeError):
+            return ""  # no manifest here (a standalone shard) or a damaged one (Manifest.load says so)
+
+    def identity(self) -> dict | None:
+        raw = self.get_meta(IDENTITY_KEY.decode())
+        if raw is None:
+            return None
+        try:
+            return json.loads(raw)
+        except ValueError as e:
+            raise FailedPrecondition(f"shard {self.shard_id}: {self.path / 'data.mdb'}: damaged identity record") from e
+
+    def _check_identity(self, datastore_id: str, stamp: bool) -> None:
+        want = {"datastore_id": datastore_id, "shard_id": self.shard_id, "dim": self.dim,
+                "vector_dtype": self.vector_dtype}
+        have = self.identity()
+        if have is None:
+            if stamp and datastore_id:
+                self.put_meta(IDENTITY_KEY.decode(), json.dumps(want, sort_keys=True).encode())
+            return
+        wrong = [k for k in want if want[k] != have.get(k) and not (k == "datastore_id" and not want[k])]
+        if wrong:
+            raise FailedPrecondition(
+                f"shard {self.shard_id}: {self.path / 'data.mdb'} belongs elsewhere: "
+                + ", ".join(f"{k} is {have.get(k)!r}, expected {want[k]!r}" for k in wrong),
+                hint="a shard of another datastore (or another shard slot) was put here; restore the right one")
 
     # -- writes ---------------------------------------------------------------------------------
 
-    def _write(self, fn: Callable[[lmdb.Transaction], T]) -> T:
-        """Run `fn` in one write transaction, growing the map when it fills."""
+    def _write(self, fn: Callable[[lmdb.Transaction], T], need: int = 0) -> T:
+        """Run `fn` in one write transaction, growing the map when it fills; a full disk is
+        ResourceExhausted and leaves the shard as it was (`need`: bytes the write adds, to
+        tell a full disk from a failing one)."""
         with self._write_lock:
             while True:
                 try:
@@ -64,9 +190,9 @@ class Shard:
                 except lmdb.MapFullError:
                     self.env.set_mapsize(self.env.info()["map_size"] * 2)
                 except lmdb.Error as e:
-                    if getattr(e, "errno", None) == errno.ENOSPC or "No space left" in str(e):
-                        raise ResourceExhausted(f"shard {self.shard_id}: disk full at {self.path}", subject="disk",
-                                                hint="free disk space; nothing was written") from e
+                    if write_failed_for_space(e, self.path, need):
+                        raise ResourceExhausted(f"shard {self.shard_id}: disk full at {self.path} ({e})",
+                                                subject="disk", hint="free disk space; nothing was written") from e
                     raise
 
     def put(self, passages: Sequence[Passage], vectors: np.ndarray) -> None:
@@ -77,17 +203,19 @@ class Shard:
         if len(passages) != len(vectors):
             raise ValueError(f"{len(passages)} passages but {len(vectors)} vectors")
 
+        records = [(k, self._seal(k, p.encode()), self._seal(k, encode_vector(v, self.vector_dtype)))
+                   for p, v in zip(passages, vectors) for k in (key(p.id),)]
+
         def fn(txn: lmdb.Transaction) -> None:
-            for p, v in zip(passages, vectors):
-                k = key(p.id)
-                txn.put(k, p.encode(), db=self.db["passages"])
-                txn.put(k, encode_vector(v, self.vector_dtype), db=self.db["vectors"])
+            for k, record, vector in records:
+                txn.put(k, record, db=self.db["passages"])
+                txn.put(k, vector, db=self.db["vectors"])
             top = max(p.id for p in passages) + 1 if passages else 0
             old = txn.get(NEXT_ID_KEY, db=self.db["meta"])
             if old is None or _U64.unpack(old)[0] < top:
                 txn.put(NEXT_ID_KEY, _U64.pack(top), db=self.db["meta"])
 
-        self._write(fn)
+        self._write(fn, need=sum(len(r) + len(v) + 64 for _, r, v in records))
 
     def delete(self, ids: Sequence[int]) -> list[int]:
         """Delete ids atomically; returns those that existed."""
@@ -110,7 +238,7 @@ class Shard:
     # -- reads ----------------------------------------------------------------------------------
 
     def get_meta(self, name: str) -> bytes | None:
-        with self.env.begin() as txn:
+        with self._reading(), self.env.begin() as txn:
             return txn.get(name.encode(), db=self.db["meta"])
 
     @property
@@ -119,28 +247,32 @@ class Shard:
         return _U64.unpack(v)[0] if v else 0
 
     def get(self, ids: Sequence[int]) -> list[Passage | None]:
-        with self.env.begin(buffers=True) as txn:
+        with self._reading(), self.env.begin(buffers=True) as txn:
             out = []
             for i in ids:
-                v = txn.get(key(int(i)), db=self.db["passages"])
-                out.append(Passage.decode(int(i), bytes(v)) if v is not None else None)
+                k = key(int(i))
+                v = txn.get(k, db=self.db["passages"])
+                out.append(Passage.decode(int(i), self._unseal(k, v, "passages")) if v is not None else None)
             return out
 
     def contains(self, ids: Sequence[int]) -> np.ndarray:
-        with self.env.begin() as txn:
+        with self._reading(), self.env.begin() as txn:
             cur = txn.cursor(db=self.db["passages"])
             return np.array([cur.set_key(key(int(i))) for i in ids], dtype=bool)
 
     def get_vectors(self, ids: Sequence[int]) -> np.ndarray:
-        with self.env.begin() as txn:
-            blobs = [txn.get(key(int(i)), db=self.db["vectors"]) for i in ids]
-        if any(b is None for b in blobs):
-            missing = [int(i) for i, b in zip(ids, blobs) if b is None]
-            raise KeyError(f"no vectors for ids {missing[:10]}")
-        return decode_vectors(blobs, self.vector_dtype, self.dim)
+        with self._reading():
+            with self.env.begin() as txn:
+                keys = [key(int(i)) for i in ids]
+                blobs = [txn.get(k, db=self.db["vectors"]) for k in keys]
+            if any(b is None for b in blobs):
+                missing = [int(i) for i, b in zip(ids, blobs) if b is None]
+                raise KeyError(f"no vectors for ids {missing[:10]}")
+            return decode_vectors([self._unseal(k, b, "vectors") for k, b in zip(keys, blobs)], self.vector_dtype,
+                                  self.dim)
 
     def __len__(self) -> int:
-        with self.env.begin() as txn:
+        with self._reading(), self.env.begin() as txn:
             return txn.stat(self.db["passages"])["entries"]
 
     @property
@@ -153,7 +285,7 @@ class Shard:
                      ) -> Iterator[tuple[np.ndarray, np.ndarray, list[tuple[str, ...]] | None]]:
         """(ids, float32 vectors, tenants or None) in id order, in batches: one read
         transaction, bounded memory."""
-        with self.env.begin(buffers=True) as txn:
+        with self._reading(), self.env.begin(buffers=True) as txn:
             ids: list[int] = []
             blobs: list[bytes] = []
             tenants: list[tuple[str, ...]] = []
@@ -161,9 +293,12 @@ class Shard:
             for k, v in cur:
                 k = bytes(k)
                 ids.append(key_id(k))
-                blobs.append(bytes(v))
+                blobs.append(self._unseal(k, v, "vectors"))
                 if with_tenants:
-                    tenants.append(Passage.decode(0, bytes(txn.get(k, db=self.db["passages"]))).tenants)
+                    record = txn.get(k, db=self.db["passages"])
+                    if record is None:
+                        raise self._damaged(f"id {key_id(k)} has a vector but no passage")
+                    tenants.append(Passage.decode(0, self._unseal(k, record, "passages")).tenants)
                 if len(ids) == batch:
                     yield (np.array(ids, np.int64), decode_vectors(blobs, self.vector_dtype, self.dim),
                            tenants if with_tenants else None)
@@ -173,9 +308,10 @@ class Shard:
                        tenants if with_tenants else None)
 
     def iter_passages(self) -> Iterator[Passage]:
-        with self.env.begin(buffers=True) as txn:
+        with self._reading(), self.env.begin(buffers=True) as txn:
             for k, v in txn.cursor(db=self.db["passages"]):
-                yield Passage.decode(key_id(bytes(k)), bytes(v))
+                k = bytes(k)
+                yield Passage.decode(key_id(k), self._unseal(k, v, "passages"))
 
     def blob_store(self, name: str = "postings"):
         """This shard's `name` database as an index BlobStore (writes there leave `seq` alone:
