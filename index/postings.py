@@ -1,8 +1,9 @@
 """Posting list codec: one blob per list, ids, versions and vectors contiguous.
 
 Layout: 8-byte header (magic b"PL", dtype code, flags, count uint32), then int64 ids,
-uint16 versions, vectors (float16 or float32), optionally zstd-compressed after the
-header. Decoding is zero-copy np.frombuffer slices.
+uint16 versions, rows (float16 or float32 vectors, or uint64 words of binary codes),
+optionally zstd-compressed after the header. Decoding is zero-copy np.frombuffer slices.
+A row's width (dim for vectors, bits x words for codes) is the reader's to know.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import numpy as np
 
 _HEADER = struct.Struct("<2sBBI")
 _MAGIC = b"PL"
-_DTYPES = {0: np.dtype("<f2"), 1: np.dtype("<f4")}
+_DTYPES = {0: np.dtype("<f2"), 1: np.dtype("<f4"), 2: np.dtype("<u8")}
 _CODES = {v: k for k, v in _DTYPES.items()}
 _ZSTD = 1
 
@@ -23,19 +24,19 @@ _ZSTD = 1
 class Posting:
     ids: np.ndarray  # int64 (n,)
     versions: np.ndarray  # uint16 (n,)
-    vectors: np.ndarray  # float16/float32 (n, dim)
+    vectors: np.ndarray  # float16/float32 (n, dim), or uint64 codes (n, bits * words)
 
     def __len__(self) -> int:
         return len(self.ids)
 
     @classmethod
-    def empty(cls, dim: int, dtype: str = "float16") -> "Posting":
+    def empty(cls, dim: int, dtype: str = "float16") -> Posting:
         return cls(np.zeros(0, np.int64), np.zeros(0, np.uint16), np.zeros((0, dim), dtype))
 
-    def take(self, mask_or_index: np.ndarray) -> "Posting":
+    def take(self, mask_or_index: np.ndarray) -> Posting:
         return Posting(self.ids[mask_or_index], self.versions[mask_or_index], self.vectors[mask_or_index])
 
-    def concat(self, other: "Posting") -> "Posting":
+    def concat(self, other: Posting) -> Posting:
         return Posting(np.concatenate([self.ids, other.ids]), np.concatenate([self.versions, other.versions]),
                        np.concatenate([self.vectors, other.vectors.astype(self.vectors.dtype)]))
 
@@ -53,6 +54,7 @@ def encode(p: Posting, compress: bool = False) -> bytes:
 
 
 def decode(blob: bytes | memoryview, dim: int) -> Posting:
+    """The posting in `blob`; `dim` is the row width (elements per row)."""
     magic, code, flags, n = _HEADER.unpack_from(blob, 0)
     if magic != _MAGIC or code not in _DTYPES:
         raise ValueError("not a posting list blob")

@@ -13,6 +13,27 @@ updated in place the SPFresh way (LIRE: split, reassign, merge; versions for sta
   rewritten (split, merge, compaction).
 - Bulk adds after `train` are staged in a scratch LMDB (bounded memory) and sealed into
   final posting lists at the first search or save; later adds update postings in place.
+- Tenants (index/spann_tenants.py): each list's tenants are kept in memory, so a search as
+  a tenant probes the nearest lists that hold its (or public) vectors and reads no other;
+  the scan filters entries exactly.
+- Binary codes (index/spann_codes.py, `codes="binary"`): lists hold BEBR codes instead of
+  floats, scanned by SDC; the best k x oversample are reranked with float vectors read by
+  id from the `vectors` database beside the postings.
+
+Why a crash still costs a rebuild (datastore/indexing.py rebuilds when the saved shard `seq`
+differs). The lists are written in their own LMDB transactions as updates happen, but the
+head table (centroids, alive flags), the per-id versions and tombstones, and the tenant map
+live in memory and reach disk only at `save`. After a kill between saves the lists are newer
+than spann.npz: a split since the save left lists under head ids the saved table lacks
+(their vectors unreachable) and deleted the list of the head it replaced; entries appended
+since carry versions the saved table calls stale; tombstones since are lost. And the
+datastore commits a passage (Shard.put) before it updates the index, in a second
+transaction, so a kill between the two leaves an acknowledged passage out of the index.
+Reopening without a rebuild needs both (1) the head table, versions and tombstones kept in
+LMDB and written in the same transaction as the lists they describe
+(LmdbBlobStore.write_many writes databases of one environment in one transaction), and
+(2) the index update inside the shard's transaction, or a shard log of the ids each `seq`
+changed, replayed from the index's recorded `seq` on open.
 """
 
 from __future__ import annotations
@@ -22,22 +43,34 @@ import math
 import shutil
 import tempfile
 import threading
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable, Literal, Sequence
+from typing import Literal
 
 import numpy as np
 
 from index import postings as codec
-from index.base import (MISSING_ID, IndexStats, Metric, SearchParams, SearchResult, check_dim_metric, check_ids,
-                        check_vectors)
+from index.base import (
+    IndexStats,
+    Metric,
+    SearchParams,
+    SearchResult,
+    check_dim_metric,
+    check_ids,
+    check_vectors,
+)
 from index.kmeans import balanced_kmeans, hierarchical_heads, squared_distances
 from index.postings import Posting
+from index.spann_build import BulkBuild
+from index.spann_codes import BinaryRows, FloatRows, candidates_wanted, rerank
 from index.spann_heads import HeadIndex
-from index.storage import BlobStore, LmdbBlobStore
+from index.spann_tenants import TenantMap
+from index.storage import VECTORS_DB, BlobStore, LmdbBlobStore, ReadStats, VectorStore
 
 STATE_FILE = "spann.json"
 ARRAYS_FILE = "spann.npz"
+BINARIZER_FILE = "spann.binarizer.pt"
 POSTINGS_DIR = "postings"
 
 
@@ -67,6 +100,17 @@ class SpannConfig:
     min_posting: int = 4
     #: float32 by default: converting float16 lists at query time costs more than reading 2x bytes.
     vector_dtype: Literal["float16", "float32"] = "float32"
+    #: What list entries hold: the vectors ("float", in vector_dtype) or BEBR binary codes
+    #: ("binary": code_bits x code_dims bits, reranked with floats from the vectors database).
+    codes: Literal["float", "binary"] = "float"
+    code_bits: int = 2
+    #: 0: the dim rounded up to 64.
+    code_dims: int = 0
+    #: Binary codes: candidates reranked per result (SearchParams.oversample overrides).
+    oversample: float = 10.0
+    #: Binary codes: the binarizer trains on this many rows of the head-training sample, for this many epochs.
+    code_train_sample: int = 20_000
+    code_epochs: int = 6
     compress: bool = False
     #: Threads reading a query's lists. 1 (zero-copy, in the caller's thread) is fastest on a
     #: warm cache; 4 halved cold single-query latency on GloVe-50 but cost 2x when warm.
@@ -88,13 +132,16 @@ class SpannConfig:
             "vector_dtype": self.vector_dtype in ("float16", "float32"), "train_sample": self.train_sample >= 1,
             "fetch_threads": self.fetch_threads >= 1,
             "hnsw_threshold": self.hnsw_threshold >= 1, "hnsw_m": self.hnsw_m >= 4, "stage_bytes": self.stage_bytes > 0,
+            "codes": self.codes in ("float", "binary"), "code_bits": 1 <= self.code_bits <= 8,
+            "code_dims": self.code_dims >= 0, "oversample": math.isfinite(self.oversample) and self.oversample >= 1,
+            "code_train_sample": self.code_train_sample >= 2, "code_epochs": self.code_epochs >= 1,
         }
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
             raise ValueError(f"SpannConfig: invalid {', '.join(f'{k}={getattr(self, k)!r}' for k in bad)}")
 
 
-class SpannIndex:
+class SpannIndex(BulkBuild):
     """The SPANN memory/disk index over a BlobStore of posting lists."""
 
     kind = "spann"
@@ -114,7 +161,18 @@ class SpannIndex:
         self.max_posting = self.config.max_posting
         self._versions: dict[int, int] = {}
         self._deleted: set[int] = set()
-        self._tenants: dict[int, frozenset[str]] = {}
+        self.tenants = TenantMap()
+        # list entries: floats now, or codes once the binarizer is trained (at the seal)
+        self.rows: FloatRows | BinaryRows | None = FloatRows(dim, self.config.vector_dtype, metric)
+        self.floats: VectorStore | None = None
+        self._writes_floats = False
+        if self.config.codes == "binary":
+            if not isinstance(storage, LmdbBlobStore):
+                raise ValueError("codes='binary' needs an LMDB posting store (its vectors database holds the rerank floats)")
+            self.rows = None
+            # a private environment: the index keeps the floats; a shard's: the datastore does
+            self.floats = VectorStore(storage.sibling(VECTORS_DB), dim)
+            self._writes_floats = storage.owned
         self._count = 0
         self._lock = threading.RLock()
         self._filter_cache: tuple | None = None
@@ -142,7 +200,11 @@ class SpannIndex:
             self._sample = sample.copy()
             self.heads.reset(np.zeros((0, self.dim), np.float32))
             self.store.clear()
-            self._versions, self._deleted, self._tenants, self._count = {}, set(), {}, 0
+            if self._writes_floats:
+                self.floats.store.clear()
+            self._versions, self._deleted, self.tenants, self._count = {}, set(), TenantMap(), 0
+            if self.config.codes == "binary":
+                self.rows = None
             self._filter_cache = None
             self._sealed = False
 
@@ -187,13 +249,10 @@ class SpannIndex:
         if tenants is not None and len(tenants) != len(ids):
             raise ValueError(f"tenants must have one entry per id ({len(ids)}), got {len(tenants)}")
         with self._lock:
+            if self._writes_floats:
+                self.floats.put(ids, vectors)
             if tenants is not None:
-                for i, ts in zip(ids.tolist(), tenants):
-                    ts = frozenset(ts)
-                    if ts:
-                        self._tenants[i] = ts
-                    else:
-                        self._tenants.pop(i, None)
+                self.tenants.set(ids.tolist(), tenants)
             if self._sealed and self.heads.count == 0:  # an empty index: this add is a bulk build
                 self._sample = None
                 self._sealed = False
@@ -202,116 +261,25 @@ class SpannIndex:
             else:
                 self._stage(ids, vectors)
 
-    #: Rows per staged blob: bounds the memory of a bulk build whatever the size of one add.
-    STAGE_ROWS = 65_536
+    @property
+    def _width(self) -> int:
+        """Elements per list entry row (dim for floats, bits x words for codes)."""
+        return self.rows.width if self.rows is not None else self.dim
 
-    def _spill_store(self, name: str) -> LmdbBlobStore:
-        """A scratch LMDB beside the posting store (in the shard directory when there is one)."""
-        base = getattr(self.store, "path", None)
-        d = Path(tempfile.mkdtemp(prefix=f"spann-{name}-", dir=base if base and Path(base).is_dir() else None))
-        self._spills.append(d)
-        return LmdbBlobStore.open(d)
+    def _floats_of(self, p: Posting) -> tuple[Posting, np.ndarray]:
+        """(p, its float32 vectors): from the entries themselves, or read by id for codes
+        (entries whose vector is gone are dropped: their passage was deleted)."""
+        if self.rows is None or self.rows.exact:
+            return p, p.vectors.astype(np.float32)
+        found, vecs = self.floats.get(p.ids)
+        if not found.all():
+            return p.take(found), vecs[found]
+        return p, vecs
 
-    def _drop_spills(self) -> None:
-        for d in self._spills:
-            shutil.rmtree(d, ignore_errors=True)
-        self._spills = []
-        base = getattr(self.store, "path", None)
-        if base and Path(base).is_dir():  # left behind by a build that was killed
-            for d in Path(base).glob("spann-*-*"):
-                shutil.rmtree(d, ignore_errors=True)
-
-    def _stage(self, ids: np.ndarray, vectors: np.ndarray) -> None:
-        """Bulk phase: keep raw (id, vector) rows in a scratch LMDB until the seal."""
-        if self._raw is None:
-            self._raw = self._spill_store("raw")
-        for start in range(0, len(ids), self.STAGE_ROWS):  # one blob at a time: memory stays flat
-            part = slice(start, start + self.STAGE_ROWS)
-            blob = codec.encode(Posting(ids[part], np.zeros(len(ids[part]), np.uint16), vectors[part]))
-            self._raw.write({self._raw_seq: blob})
-            self._raw_seq += 1
-        self._count += len(ids)
-
-    def _seal(self) -> None:
-        """End the bulk phase: choose heads, assign every staged row to its heads, and write
-        each list once (capped at max_posting, primaries kept). Memory stays bounded: rows
-        stream from the raw spill, assignments gather in a second spill sorted by head."""
-        if self._sealed:
-            return
-        self._sealed = True
-        if self._raw is None:
-            return
-        sample = self._sample
-        if sample is None or not len(sample):
-            rows = []
-            for _, blob in self._raw.items():
-                rows.append(codec.decode(blob, self.dim).vectors)
-                if sum(map(len, rows)) >= self.config.train_sample:
-                    break
-            sample = np.concatenate(rows)[:self.config.train_sample].astype(np.float32)
-        self._choose_heads(sample, self._count)
-        self._sample = None
-        grouped = self._spill_store("grouped")
-        pending: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
-        pending_bytes, seq = 0, 0
-        for _, blob in self._raw.items():
-            p = codec.decode(blob, self.dim)
-            heads = self._assign(p.vectors)
-            rep = np.fromiter((len(h) for h in heads), np.int64, len(heads))
-            rows = np.repeat(np.arange(len(p)), rep)
-            primary = np.zeros(len(rows), np.uint16)
-            primary[np.concatenate([[0], np.cumsum(rep)[:-1]])] = 1  # the nearest head comes first
-            vecs = p.vectors[rows].astype(self.config.vector_dtype)
-            pending.append((np.concatenate(heads).astype(np.int64), p.ids[rows], primary, vecs))
-            pending_bytes += vecs.nbytes
-            if pending_bytes >= self.config.stage_bytes:
-                self._spill_grouped(grouped, pending, seq)
-                pending, pending_bytes, seq = [], 0, seq + 1
-        self._spill_grouped(grouped, pending, seq)
-        batch: dict[int, bytes] = {}
-        head, parts = None, []
-        for key, blob in grouped.items():  # keys sort by head, then by spill
-            h = key >> 24
-            if h != head and parts:
-                batch[head] = self._finish_posting(head, parts)
-                parts = []
-                if len(batch) >= 512:
-                    self.store.write(batch)
-                    batch = {}
-            head = h
-            parts.append(codec.decode(blob, self.dim))
-        if parts:
-            batch[head] = self._finish_posting(head, parts)
-        self.store.write(batch)
-        for spill in (self._raw, grouped):
-            spill.close()
-        self._raw = None
-        self._drop_spills()
-
-    @staticmethod
-    def _spill_grouped(grouped: LmdbBlobStore, pending: list, seq: int) -> None:
-        if not pending:
-            return
-        heads, ids, prim, vecs = (np.concatenate(c) for c in zip(*pending))
-        order = np.argsort(heads, kind="stable")
-        heads, ids, prim, vecs = heads[order], ids[order], prim[order], vecs[order]
-        bounds = np.flatnonzero(np.diff(heads)) + 1
-        puts = {}
-        for part in np.split(np.arange(len(heads)), bounds):
-            puts[(int(heads[part[0]]) << 24) | seq] = codec.encode(Posting(ids[part], prim[part], vecs[part]))
-        grouped.write(puts)
-
-    def _finish_posting(self, head: int, parts: list[Posting]) -> bytes:
-        p = parts[0]
-        for q in parts[1:]:
-            p = p.concat(q)
-        if len(p) > self.max_posting:
-            # keep every primary entry, then the closest replicas
-            d = squared_distances(p.vectors.astype(np.float32), self.heads.vectors[head:head + 1])[:, 0]
-            d[p.versions == 1] = -1.0
-            keep = np.sort(np.argsort(d, kind="stable")[:max(self.max_posting, int((p.versions == 1).sum()))])
-            p = p.take(keep)
-        return codec.encode(Posting(p.ids, np.zeros(len(p), np.uint16), p.vectors), self.config.compress)
+    def read_stats(self) -> ReadStats:
+        """Blobs and bytes read so far from the posting lists and (binary codes) the vectors."""
+        got = self.store.read_stats()
+        return got + self.floats.store.read_stats() if self.floats is not None else got
 
     # -- search ---------------------------------------------------------------------------------
 
@@ -333,15 +301,45 @@ class SpannIndex:
             ok &= ~np.isin(p.ids, np.fromiter(self._deleted, np.int64, len(self._deleted)))
         return ok
 
-    def probe_lists(self, queries: np.ndarray, params: SearchParams | None = None) -> list[np.ndarray]:
-        """Heads each query probes after query-aware pruning (nearest first)."""
+    #: A tenant-restricted probe goes past eps2 (never past the cap) until its lists hold this
+    #: many entries the tenant sees per result wanted (replicas included).
+    TENANT_ENTRIES_PER_RESULT = 8
+
+    def probe_lists(self, queries: np.ndarray, params: SearchParams | None = None,
+                    tenant: str | None = None, k: int = 0) -> list[np.ndarray]:
+        """Heads each query probes after query-aware pruning (nearest first).
+
+        When some vectors are restricted, only heads whose lists hold a vector `tenant` may
+        see are candidates: pruning and the cap then count among those, so a small tenant
+        gets its own nearest lists rather than the nearest lists overall, filtered empty.
+        With `k`, such a probe also takes lists beyond eps2 until they hold about
+        TENANT_ENTRIES_PER_RESULT x k of the tenant's entries: a scattered tenant's nearest
+        vectors can lie well beyond the nearest of its lists."""
         eps = self.config.prune_epsilon if params is None or params.prune_epsilon is None else params.prune_epsilon
         cap = self.config.max_lists if params is None or params.nprobe is None else params.nprobe
-        d, ids = self.heads.search(queries, cap)
+        subset = self._tenant_heads(tenant)
+        if subset is None:
+            d, ids = self.heads.search(queries, cap)
+        elif not len(subset):
+            return [np.zeros(0, np.int64) for _ in range(len(queries))]
+        else:
+            d, ids = self.heads.search_subset(queries, cap, subset)
         dist = np.sqrt(np.maximum(d, 0))
         keep = (ids >= 0) & (dist <= (1 + eps) * np.maximum(dist[:, :1], 1e-6))
         keep[:, 0] = ids[:, 0] >= 0
+        if subset is not None and k:
+            counts = self.tenants.visible_counts(tenant, ids)
+            before = np.cumsum(counts, axis=1) - counts  # entries in the nearer lists
+            keep |= (ids >= 0) & (before < self.TENANT_ENTRIES_PER_RESULT * k)
         return [ids[r][keep[r]] for r in range(len(ids))]
+
+    def _tenant_heads(self, tenant: str | None) -> np.ndarray | None:
+        """Live heads whose lists may hold a vector `tenant` sees; None when that is all heads."""
+        if not self.tenants:
+            return None
+        heads = self.tenants.postings_for(tenant)
+        heads = heads[self.heads.alive[heads]] if len(heads) else heads
+        return None if len(heads) >= self.heads.count else heads
 
     def search(self, queries: np.ndarray, k: int, tenant: str | None = None, params: SearchParams | None = None,
                allowed_ids: np.ndarray | None = None) -> SearchResult:
@@ -353,54 +351,65 @@ class SpannIndex:
             self._seal()
             if self.heads.count == 0 or len(queries) == 0:
                 return out
-            lists = self.probe_lists(queries, params)
-            hidden = self._hidden_ids(tenant)
+            if allowed_ids is not None:
+                allowed_ids = np.unique(np.asarray(allowed_ids, np.int64))
+            wanted = k
+            if not self.rows.exact:
+                oversample = self.config.oversample if params is None or params.oversample is None \
+                    else params.oversample
+                wanted = candidates_wanted(k, oversample)
+            lists = self.probe_lists(queries, params, tenant, k)
             for start in range(0, len(queries), self.QUERY_CHUNK):
                 chunk = slice(start, start + self.QUERY_CHUNK)
-                self._scan(queries[chunk], k, lists[chunk], hidden, allowed_ids, out.ids[chunk], out.scores[chunk])
+                if self.rows.exact:
+                    self._scan(queries[chunk], wanted, lists[chunk], tenant, allowed_ids, out.ids[chunk],
+                               out.scores[chunk])
+                    continue
+                cand = SearchResult.empty(len(queries[chunk]), wanted)
+                self._scan(queries[chunk], wanted, lists[chunk], tenant, allowed_ids, cand.ids, cand.scores)
+                rerank(queries[chunk], cand.ids, self.floats, self.metric, out.ids[chunk], out.scores[chunk])
         return out
 
     #: Queries scanned together: their lists are read and decoded once into one arena.
     QUERY_CHUNK = 256
 
-    def _scan(self, queries: np.ndarray, k: int, lists: list[np.ndarray], hidden: np.ndarray | None,
+    def _scan(self, queries: np.ndarray, k: int, lists: list[np.ndarray], tenant: str | None,
               allowed_ids: np.ndarray | None, out_ids: np.ndarray, out_scores: np.ndarray) -> None:
-        """Score each query's probed lists, skipping stale, deleted and hidden entries.
+        """Score each query's probed lists, skipping stale, deleted and invisible entries,
+        and write its best k distinct ids (exact scores for floats, SDC scores for codes).
 
-        The chunk's lists are read in one transaction and decoded once; each query then
-        scores list by list (a matrix-vector product per list beats gathering the rows)."""
+        The chunk's lists are read in one transaction and decoded once."""
+        if not any(len(h) for h in lists):
+            return
         wanted = np.unique(np.concatenate(lists))
         deleted = np.fromiter(self._deleted, np.int64, len(self._deleted)) if self._deleted else None
         limit = k * (self.config.replicas + 1)  # replicas share a score: this many hold k distinct ids
+        prepared = self.rows.prepare(queries)
         with self.store.viewing(self.config.fetch_threads) as read:
             decoded: dict[int, tuple[np.ndarray, np.ndarray]] = {}
             blobs = read(wanted.tolist())
             for h, blob in zip(wanted.tolist(), blobs):
                 if blob is None:
                     continue
-                p = codec.decode(blob, self.dim)
+                p = codec.decode(blob, self._width)
+                if self.rows.exact:  # float16 lists: convert once per chunk, not once per query
+                    p = Posting(p.ids, p.versions, p.vectors.astype(np.float32, copy=False))
                 ok = p.versions == self._current_versions(p.ids) if self._versions else None
                 for mask in (~np.isin(p.ids, deleted) if deleted is not None else None,
-                             ~np.isin(p.ids, hidden) if hidden is not None else None,
+                             self.tenants.visible_mask(p.ids, tenant),
                              np.isin(p.ids, allowed_ids) if allowed_ids is not None else None):
                     if mask is not None:
                         ok = mask if ok is None else ok & mask
-                vecs = p.vectors.astype(np.float32, copy=False)
                 if ok is not None and not ok.all():
-                    decoded[h] = (p.ids[ok], vecs[ok])
+                    decoded[h] = (p.ids[ok], p.vectors[ok])
                 else:
-                    decoded[h] = (p.ids, vecs)
+                    decoded[h] = (p.ids, p.vectors)
             for q, heads in enumerate(lists):
-                parts = [decoded[h] for h in heads.tolist() if h in decoded]
+                parts = [decoded[h] for h in heads.tolist() if h in decoded and len(decoded[h][0])]
                 if not parts:
                     continue
                 ids = np.concatenate([i for i, _ in parts])
-                if not len(ids):
-                    continue
-                if self.metric == "ip":
-                    scores = np.concatenate([v @ queries[q] for _, v in parts])
-                else:
-                    scores = -np.concatenate([((v - queries[q]) ** 2).sum(1) for _, v in parts])
+                scores = self.rows.score(prepared[q], [v for _, v in parts])
                 m = min(len(ids), limit)
                 cand = np.argpartition(-scores, m - 1)[:m] if m < len(ids) else np.arange(len(ids))
                 cand = cand[np.argsort(-scores[cand], kind="stable")]
@@ -408,12 +417,6 @@ class SpannIndex:
                 top = cand[np.sort(first)][:k]
                 out_ids[q, :len(top)] = ids[top]
                 out_scores[q, :len(top)] = scores[top]
-
-    def _hidden_ids(self, tenant: str | None) -> np.ndarray | None:
-        if not self._tenants:
-            return None
-        hidden = [i for i, ts in self._tenants.items() if tenant is None or tenant not in ts]
-        return np.asarray(hidden, np.int64) if hidden else None
 
     # -- updates (SPFresh LIRE) -----------------------------------------------------------------
 
@@ -438,13 +441,15 @@ class SpannIndex:
                 by_head.setdefault(h, []).append(row)
         keys = sorted(by_head)
         current = dict(zip(keys, self.store.get_many(keys)))
+        entries = self.rows.encode(vectors)
         puts, oversized = {}, []
         for h in keys:
             rows = np.asarray(by_head[h])
-            new = Posting(ids[rows], versions[rows], vectors[rows].astype(self.config.vector_dtype))
+            new = Posting(ids[rows], versions[rows], entries[rows])
             blob = current[h]
-            p = codec.decode(blob, self.dim).concat(new) if blob is not None else new
+            p = codec.decode(blob, self._width).concat(new) if blob is not None else new
             puts[h] = codec.encode(p, self.config.compress)
+            self.tenants.note_posting(h, p.ids[self._valid(p)])
             if len(p) > self.max_posting:
                 oversized.append(h)
         self.store.write(puts)
@@ -454,18 +459,21 @@ class SpannIndex:
 
     def _split(self, head: int, depth: int) -> None:
         (blob,) = self.store.get_many([head])
-        p = codec.decode(blob, self.dim)
-        p = p.take(self._valid(p))
-        if len(p) <= self.max_posting or depth > 4:
+        p = codec.decode(blob, self._width)
+        p, vecs = self._floats_of(p.take(self._valid(p)))
+        if len(p) <= self.max_posting or depth > 4 or len(p) < 2:
             self.store.write({head: codec.encode(p, self.config.compress)})
+            self.tenants.note_posting(head, p.ids)
             return
-        vecs = p.vectors.astype(np.float32)
         centroids, assign = balanced_kmeans(vecs, 2, slack=1.2, seed=self.config.seed + head)
         old_centroid = self.heads.vectors[head].copy()
         self.heads.remove(head)
         new_heads = self.heads.add(centroids)
         puts = {int(h): codec.encode(p.take(assign == c), self.config.compress) for c, h in enumerate(new_heads)}
         self.store.write(puts, deletes=[head])
+        self.tenants.forget_posting(head)
+        for c, h in enumerate(new_heads):
+            self.tenants.note_posting(int(h), p.ids[assign == c])
         # LIRE reassignment: the split list's vectors whose nearest head is now elsewhere, and
         # vectors of neighbouring lists that are closer to a new head than to their own.
         move_ids, move_vecs = [], []
@@ -478,11 +486,10 @@ class SpannIndex:
         for h, nb in zip(neighbours, self.store.get_many(neighbours)):
             if nb is None:
                 continue
-            q = codec.decode(nb, self.dim)
-            q = q.take(self._valid(q))
+            q = codec.decode(nb, self._width)
+            q, qv = self._floats_of(q.take(self._valid(q)))
             if not len(q):
                 continue
-            qv = q.vectors.astype(np.float32)
             own = squared_distances(qv, self.heads.vectors[h:h + 1])[:, 0]
             to_new = squared_distances(qv, self.heads.vectors[new_heads]).min(1)
             closer = to_new < own
@@ -501,8 +508,9 @@ class SpannIndex:
         with self._lock:
             new = [i for i in ids.tolist() if i not in self._deleted]
             self._deleted.update(new)
-            for i in new:
-                self._tenants.pop(i, None)
+            self.tenants.drop(new)
+            if self._writes_floats and new:
+                self.floats.delete(new)
             self._count = max(0, self._count - len(new))
         return len(new)
 
@@ -516,22 +524,25 @@ class SpannIndex:
             for h in self.store.keys():
                 if self.heads.count <= 1:
                     break
-                p = codec.decode(self.store.get_many([h])[0], self.dim)
+                p = codec.decode(self.store.get_many([h])[0], self._width)
                 p = p.take(self._valid(p))
                 if len(p) < self.config.min_posting:
+                    p, vecs = self._floats_of(p)
                     self.heads.remove(h)
                     self.store.write({}, deletes=[h])
+                    self.tenants.forget_posting(h)
                     orphan_ids.append(p.ids)
-                    orphan_vecs.append(p.vectors.astype(np.float32))
+                    orphan_vecs.append(vecs)
             if orphan_ids and len(ids := np.concatenate(orphan_ids)):
                 ids, first = np.unique(ids, return_index=True)
                 self._count -= len(ids)
                 self._insert(ids, np.concatenate(orphan_vecs)[first])
             for h in self.store.keys():
-                p = codec.decode(self.store.get_many([h])[0], self.dim)
+                p = codec.decode(self.store.get_many([h])[0], self._width)
                 p = p.take(self._valid(p))
                 self.store.write({h: codec.encode(Posting(p.ids, np.zeros(len(p), np.uint16), p.vectors),
                                                   self.config.compress)})
+                self.tenants.note_posting(h, p.ids)
             self._versions, self._deleted, self._filter_cache = {}, set(), None
 
     # -- persistence ----------------------------------------------------------------------------
@@ -545,9 +556,11 @@ class SpannIndex:
                      version_ids=np.fromiter(self._versions.keys(), np.int64, len(self._versions)),
                      version_vals=np.fromiter(self._versions.values(), np.int64, len(self._versions)),
                      deleted=np.fromiter(self._deleted, np.int64, len(self._deleted)))
+            if isinstance(self.rows, BinaryRows):
+                self.rows.binarizer.save(directory / BINARIZER_FILE)
             state = {"dim": self.dim, "metric": self.metric, "config": asdict(self.config),
                      "max_posting": self.max_posting, "count": self._count,
-                     "tenants": {str(i): sorted(t) for i, t in self._tenants.items()}}
+                     "tenant_map": self.tenants.state(), "binarizer": isinstance(self.rows, BinaryRows)}
             (directory / STATE_FILE).write_text(json.dumps(state))
             if isinstance(self.store, LmdbBlobStore) and self.store._owned:
                 target = directory / POSTINGS_DIR
@@ -558,7 +571,7 @@ class SpannIndex:
             self._saved_dir = directory
 
     @classmethod
-    def load(cls, directory: Path, storage: BlobStore | None = None) -> "SpannIndex":
+    def load(cls, directory: Path, storage: BlobStore | None = None) -> SpannIndex:
         directory = Path(directory)
         state = json.loads((directory / STATE_FILE).read_text())
         if storage is None:
@@ -568,20 +581,35 @@ class SpannIndex:
         index.heads.reset(arrays["heads"], arrays["alive"])
         index._versions = dict(zip(arrays["version_ids"].tolist(), arrays["version_vals"].tolist()))
         index._deleted = set(arrays["deleted"].tolist())
-        index._tenants = {int(i): frozenset(t) for i, t in state["tenants"].items()}
+        if state.get("binarizer"):
+            from index.binarizer import Binarizer
+            index.rows = BinaryRows(Binarizer.load(directory / BINARIZER_FILE))
+        if "tenant_map" in state:
+            index.tenants = TenantMap.restore(state["tenant_map"])
+        else:  # saved before per-list tenants were kept: rebuild them from the lists
+            index.tenants.set([int(i) for i in state["tenants"]], list(state["tenants"].values()))
+            for h, blob in index.store.items():
+                p = codec.decode(blob, index._width)
+                index.tenants.note_posting(h, p.ids[index._valid(p)])
         index.max_posting = state["max_posting"]
         index._count = state["count"]
         index._saved_dir = directory
         return index
 
     def stats(self) -> IndexStats:
-        tenants = sum(64 + 32 * len(t) for t in self._tenants.values())
-        memory = self.heads.memory_bytes() + 40 * (len(self._versions) + len(self._deleted)) + tenants
+        codes = self.rows.memory_bytes() if isinstance(self.rows, BinaryRows) else 0
+        memory = (self.heads.memory_bytes() + 40 * (len(self._versions) + len(self._deleted))
+                  + self.tenants.memory_bytes() + codes)
         saved = getattr(self, "_saved_dir", None)
         disk = self.store.disk_bytes() + (sum(f.stat().st_size for f in Path(saved).glob("spann.*")) if saved else 0)
+        if self._writes_floats:
+            disk += self.floats.store.disk_bytes()
+        reads = self.read_stats()
         return IndexStats(self.kind, self._count, self.dim, memory, disk,
                           {"heads": self.heads.count, "max_posting": self.max_posting,
-                           "stale_versions": len(self._versions), "tombstones": len(self._deleted)})
+                           "stale_versions": len(self._versions), "tombstones": len(self._deleted),
+                           "codes": self.config.codes, "entry_bytes": 10 + (self.rows.row_bytes if self.rows else 0),
+                           "reads": reads.reads, "bytes_read": reads.bytes})
 
     def __del__(self) -> None:
         for d in getattr(self, "_spills", ()):

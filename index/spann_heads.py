@@ -9,6 +9,8 @@ from __future__ import annotations
 import faiss
 import numpy as np
 
+from index.kmeans import SMALL_WORK, omp_threads
+
 
 class HeadIndex:
     """Head centroids by head id, and a faiss index over the live ones (squared L2)."""
@@ -69,7 +71,38 @@ class HeadIndex:
             params = faiss.SearchParametersHNSW(efSearch=max(64, 2 * n))
             if sel is not None:
                 params.sel = sel  # `sel` stays referenced here until the search returns
-        return self._index.search(np.ascontiguousarray(queries, np.float32), n, params=params)
+        small = len(queries) * (self.hnsw_m * 64 if self._hnsw else self.count) * self.dim < SMALL_WORK
+        with omp_threads(1 if small else None):  # a few queries: a thread team costs more than it saves
+            return self._index.search(np.ascontiguousarray(queries, np.float32), n, params=params)
+
+    #: Up to this many candidate heads, a subset search is one exact distance product in numpy
+    #: (a filtered faiss search, HNSW above all, loses its way when few heads qualify).
+    SUBSET_EXACT = 16_384
+
+    def search_subset(self, queries: np.ndarray, n: int, heads: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(squared distances, head ids) of each query's n nearest among `heads` (live ids),
+        nearest first; padded with (inf, -1) when fewer qualify."""
+        heads = np.asarray(heads, np.int64)
+        queries = np.ascontiguousarray(queries, np.float32)
+        n = max(1, n)
+        if len(heads) > self.SUBSET_EXACT:
+            params = faiss.SearchParametersHNSW(efSearch=max(64, 2 * n)) if self._hnsw else faiss.SearchParameters()
+            sel = faiss.IDSelectorBatch(heads)
+            params.sel = sel  # `sel` stays referenced here until the search returns
+            return self._index.search(queries, min(n, len(heads)), params=params)
+        d = np.full((len(queries), n), np.inf, np.float32)
+        ids = np.full((len(queries), n), -1, np.int64)
+        if not len(heads):
+            return d, ids
+        c = self.vectors[heads]
+        dist = (queries * queries).sum(1)[:, None] - 2.0 * (queries @ c.T) + (c * c).sum(1)[None, :]
+        m = min(n, len(heads))
+        part = np.argpartition(dist, m - 1, axis=1)[:, :m] if m < len(heads) else np.tile(np.arange(m), (len(queries), 1))
+        pd = np.take_along_axis(dist, part, 1)
+        order = np.argsort(pd, axis=1, kind="stable")
+        d[:, :m] = np.maximum(np.take_along_axis(pd, order, 1), 0)
+        ids[:, :m] = heads[np.take_along_axis(part, order, 1)]
+        return d, ids
 
     def memory_bytes(self) -> int:
         graph = self.count * self.hnsw_m * 2 * 4 if self._hnsw else 0

@@ -1,0 +1,154 @@
+"""SPANN's bulk build: rows staged on disk, then heads chosen and every list written once.
+
+Adds after `train` go to a scratch LMDB (bounded memory whatever the size of the build); the
+seal, at the first search or save, chooses the heads from the training sample (and, for
+binary-coded lists, trains the binarizer on the same sample), assigns every staged row to
+its heads, gathers the assignments in a second scratch LMDB sorted by head, and writes each
+list once, capped at max_posting with every primary entry kept. A mixin of SpannIndex: it
+works on the index's own fields.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from index import postings as codec
+from index.kmeans import squared_distances
+from index.postings import Posting
+from index.spann_codes import BinaryRows
+from index.storage import LmdbBlobStore
+
+
+class BulkBuild:
+    """Staging, sealing and scratch stores of SpannIndex's bulk build."""
+
+    #: Rows per staged blob: bounds the memory of a bulk build whatever the size of one add.
+    STAGE_ROWS = 65_536
+
+    def _spill_store(self, name: str) -> LmdbBlobStore:
+        """A scratch LMDB beside the posting store (in the shard directory when there is one)."""
+        base = getattr(self.store, "path", None)
+        d = Path(tempfile.mkdtemp(prefix=f"spann-{name}-", dir=base if base and Path(base).is_dir() else None))
+        self._spills.append(d)
+        return LmdbBlobStore.open(d)
+
+    def _drop_spills(self) -> None:
+        for d in self._spills:
+            shutil.rmtree(d, ignore_errors=True)
+        self._spills = []
+        base = getattr(self.store, "path", None)
+        if base and Path(base).is_dir():  # left behind by a build that was killed
+            for d in Path(base).glob("spann-*-*"):
+                shutil.rmtree(d, ignore_errors=True)
+
+    def _stage(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        """Bulk phase: keep raw (id, vector) rows in a scratch LMDB until the seal."""
+        if self._raw is None:
+            self._raw = self._spill_store("raw")
+        for start in range(0, len(ids), self.STAGE_ROWS):  # one blob at a time: memory stays flat
+            part = slice(start, start + self.STAGE_ROWS)
+            blob = codec.encode(Posting(ids[part], np.zeros(len(ids[part]), np.uint16), vectors[part]))
+            self._raw.write({self._raw_seq: blob})
+            self._raw_seq += 1
+        self._count += len(ids)
+
+    def _seal(self) -> None:
+        """End the bulk phase: choose heads, assign every staged row to its heads, and write
+        each list once (capped at max_posting, primaries kept). Memory stays bounded: rows
+        stream from the raw spill, assignments gather in a second spill sorted by head."""
+        if self._sealed:
+            return
+        self._sealed = True
+        if self._raw is None:
+            return
+        sample = self._sample
+        if sample is None or not len(sample):
+            rows = []
+            for _, blob in self._raw.items():
+                rows.append(codec.decode(blob, self.dim).vectors)
+                if sum(map(len, rows)) >= self.config.train_sample:
+                    break
+            sample = np.concatenate(rows)[:self.config.train_sample].astype(np.float32)
+        self._choose_heads(sample, self._count)
+        if self.config.codes == "binary":
+            self._train_codes(sample)
+        self._sample = None
+        grouped = self._spill_store("grouped")
+        pending: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
+        pending_bytes, seq = 0, 0
+        for _, blob in self._raw.items():
+            p = codec.decode(blob, self.dim)
+            heads = self._assign(p.vectors)
+            rep = np.fromiter((len(h) for h in heads), np.int64, len(heads))
+            rows = np.repeat(np.arange(len(p)), rep)
+            primary = np.zeros(len(rows), np.uint16)
+            primary[np.concatenate([[0], np.cumsum(rep)[:-1]])] = 1  # the nearest head comes first
+            # floats until each list is finished (capping measures distances; codes come last)
+            vecs = p.vectors[rows].astype(self.config.vector_dtype if self.config.codes == "float" else np.float32)
+            pending.append((np.concatenate(heads).astype(np.int64), p.ids[rows], primary, vecs))
+            pending_bytes += vecs.nbytes
+            if pending_bytes >= self.config.stage_bytes:
+                self._spill_grouped(grouped, pending, seq)
+                pending, pending_bytes, seq = [], 0, seq + 1
+        self._spill_grouped(grouped, pending, seq)
+        batch: dict[int, bytes] = {}
+        head, parts = None, []
+        for key, blob in grouped.items():  # keys sort by head, then by spill
+            h = key >> 24
+            if h != head and parts:
+                batch[head] = self._finish_posting(head, parts)
+                parts = []
+                if len(batch) >= 512:
+                    self.store.write(batch)
+                    batch = {}
+            head = h
+            parts.append(codec.decode(blob, self.dim))
+        if parts:
+            batch[head] = self._finish_posting(head, parts)
+        self.store.write(batch)
+        for spill in (self._raw, grouped):
+            spill.close()
+        self._raw = None
+        self._drop_spills()
+
+    @staticmethod
+    def _spill_grouped(grouped: LmdbBlobStore, pending: list, seq: int) -> None:
+        if not pending:
+            return
+        heads, ids, prim, vecs = (np.concatenate(c) for c in zip(*pending))
+        order = np.argsort(heads, kind="stable")
+        heads, ids, prim, vecs = heads[order], ids[order], prim[order], vecs[order]
+        bounds = np.flatnonzero(np.diff(heads)) + 1
+        puts = {}
+        for part in np.split(np.arange(len(heads)), bounds):
+            puts[(int(heads[part[0]]) << 24) | seq] = codec.encode(Posting(ids[part], prim[part], vecs[part]))
+        grouped.write(puts)
+
+    def _finish_posting(self, head: int, parts: list[Posting]) -> bytes:
+        p = parts[0]
+        for q in parts[1:]:
+            p = p.concat(q)
+        if len(p) > self.max_posting:
+            # keep every primary entry, then the closest replicas
+            d = squared_distances(p.vectors.astype(np.float32), self.heads.vectors[head:head + 1])[:, 0]
+            d[p.versions == 1] = -1.0
+            keep = np.sort(np.argsort(d, kind="stable")[:max(self.max_posting, int((p.versions == 1).sum()))])
+            p = p.take(keep)
+        live = ~np.isin(p.ids, np.fromiter(self._deleted, np.int64, len(self._deleted))) if self._deleted else None
+        self.tenants.note_posting(head, p.ids if live is None else p.ids[live])
+        return codec.encode(Posting(p.ids, np.zeros(len(p), np.uint16), self.rows.encode(p.vectors)),
+                            self.config.compress)
+
+    def _train_codes(self, sample: np.ndarray) -> None:
+        """Train the BEBR binarizer on (a subsample of) the sample the heads were chosen from."""
+        from index.binarizer import Binarizer
+        from index.binarizer_config import BinarizerConfig
+
+        cfg = self.config
+        bc = BinarizerConfig(bits=cfg.code_bits, code_dims=cfg.code_dims, epochs=cfg.code_epochs,
+                             train_sample=max(2, min(cfg.code_train_sample, len(sample))), seed=cfg.seed)
+        self.rows = BinaryRows(Binarizer(self.dim, bc).fit(sample, self.metric))
