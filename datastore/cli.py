@@ -224,13 +224,44 @@ def _print_hits(question: str, hits, include_text: bool) -> None:
 @click.option("--insecure", is_flag=True, help="Allow a non-loopback address without API keys.")
 @click.option("--flush-seconds", default=60.0, show_default=True,
               help="Save changed indexes this often (after a crash, an index older than LMDB is rebuilt).")
+@click.option("--max-message-mb", default=64, show_default=True, help="Largest gRPC message, either way.")
+@click.option("--max-k", default=10_000, show_default=True, help="Largest k of a search.")
+@click.option("--max-batch", default=4_096, show_default=True, help="Most queries in one search.")
+@click.option("--max-text-chars", default=1_000_000, show_default=True, help="Longest query or passage text.")
+@click.option("--max-deadline", default=300.0, show_default=True,
+              help="Seconds any call may run; calls without a deadline get this one.")
+@click.option("--max-stream-mb", default=256, show_default=True, help="Largest Upsert stream.")
+@click.option("--max-stream-idle", default=60.0, show_default=True,
+              help="Seconds an Upsert stream may send nothing before it is cut.")
+@click.option("--key-concurrency", default=0, show_default=True,
+              help="Calls one API key (or keyless peer) may have in flight; 0: no limit.")
+@click.option("--key-rate", default=0.0, show_default=True, help="Calls per second per API key; 0: no limit.")
+@click.option("--key-burst", default=0, show_default=True, help="Calls above --key-rate at once (0: the rate).")
+@click.option("--max-concurrent-rpcs", default=0, show_default=True,
+              help="Calls running or queued beyond this are refused (RESOURCE_EXHAUSTED); 0: no limit.")
+@click.option("--seed-from", metavar="ADDR", default=None,
+              help="Before serving, copy the shards (and tenants and keys) from the live replica at ADDR: "
+                   "brings a new or stale replica in sync.")
+@click.option("--hedge-after-ms", type=float, default=None,
+              help="Router: send a read to a second replica when the first has not answered after this long.")
+@click.option("--batch-in-flight", default=2, show_default=True,
+              help="Router: searches with the same options out at once; later ones go out together as one "
+                   "batch (0: never batch).")
 def serve(directory, host, port, shard_list, router, shard_servers, partial_results, per_shard_timeout,
-          metrics_port, workers, omp_threads, tls_cert, tls_key, api_key, insecure, flush_seconds) -> None:
+          metrics_port, workers, omp_threads, tls_cert, tls_key, api_key, insecure, flush_seconds,
+          max_message_mb, max_k, max_batch, max_text_chars, max_deadline, max_stream_mb, max_stream_idle,
+          key_concurrency, key_rate, key_burst, max_concurrent_rpcs, seed_from, hedge_after_ms, batch_in_flight) -> None:
     """Serve DIRECTORY (or some of its --shards) over gRPC, or with --router route the same API
     over shard servers. Health checking and reflection included; stops on SIGTERM."""
+    import os
     import signal
     import threading
 
+    # OpenMP keeps the thread count per thread: omp_set_num_threads here would not reach the
+    # gRPC worker threads, each of which would then run a team of nproc spinning threads
+    # (10x the CPU per search). The environment sets the default of every thread, so it
+    # must be in place before faiss (imported by service.server) loads.
+    os.environ["OMP_NUM_THREADS"] = str(omp_threads)
     from service.server import ServerConfig, create_server, stop_server
 
     import faiss
@@ -238,7 +269,16 @@ def serve(directory, host, port, shard_list, router, shard_servers, partial_resu
     faiss.omp_set_num_threads(omp_threads)
     if bool(tls_cert) != bool(tls_key):
         raise InvalidArgument("give both --tls-cert and --tls-key")
-    config = ServerConfig(max_workers=workers, metrics=metrics_port is not None, tls_cert=tls_cert, tls_key=tls_key)
+    from datastore.store import Limits
+    from service.limits import ServiceLimits
+
+    limits = Limits(max_k=max_k, max_batch=max_batch, max_text_chars=max_text_chars)
+    config = ServerConfig(max_workers=workers, metrics=metrics_port is not None, tls_cert=tls_cert, tls_key=tls_key,
+                          max_message_bytes=max_message_mb << 20, max_concurrent_rpcs=max_concurrent_rpcs or None,
+                          limits=ServiceLimits(max_concurrent_per_key=key_concurrency, rate_per_key=key_rate,
+                                               burst=key_burst, max_deadline_seconds=max_deadline,
+                                               max_stream_bytes=max_stream_mb << 20,
+                                               max_stream_idle_seconds=max_stream_idle))
     if router:
         if directory is not None or shard_list:
             raise InvalidArgument("--router takes --shard addresses, not a directory or --shards")
@@ -247,7 +287,10 @@ def serve(directory, host, port, shard_list, router, shard_servers, partial_resu
         from service.router import Router, RouterConfig
 
         store = Router(RouterConfig([s.split(",") for s in shard_servers], partial_results=partial_results,
-                                    per_shard_timeout=per_shard_timeout, api_key=api_key))
+                                    per_shard_timeout=per_shard_timeout, api_key=api_key,
+                                    max_message_bytes=max_message_mb << 20, hedge_after_ms=hedge_after_ms,
+                                    batch_in_flight=batch_in_flight),
+                       limits=limits)
         what = f"router over {len(shard_servers)} shard server(s)"
         protected = api_key is not None
     else:
@@ -261,7 +304,12 @@ def serve(directory, host, port, shard_list, router, shard_servers, partial_resu
                 ids = [int(x) for x in shard_list.split(",") if x.strip()]
             except ValueError:
                 raise InvalidArgument.field("shards", f"{shard_list!r} is not a list like 0,3") from None
-        store = open_datastore(directory, shard_ids=ids)
+        if seed_from:
+            from datastore.snapshot import seed_from as seed
+
+            copied = seed(seed_from, directory, ids, api_key=api_key)
+            click.echo(f"seeded shards {sorted(copied)} from {seed_from} (write sequences {copied})", err=True)
+        store = open_datastore(directory, shard_ids=ids, limits=limits)
         store.autoflush(flush_seconds)
         what = f"{directory} (shards {store.shard_ids})"
         protected = store.control.has_keys()
@@ -307,6 +355,25 @@ def info(directory, as_json) -> None:
     click.echo(f"{'shard':>5} {'passages':>10} {'lmdb MB':>9} {'index MB':>9}")
     for s in shards:
         click.echo(f"{s['shard']:>5} {s['passages']:>10,} {s['lmdb_bytes'] / 1e6:>9.1f} {s['index_bytes'] / 1e6:>9.1f}")
+
+
+@cli.command()
+@click.argument("directory", type=click.Path(path_type=Path))
+@click.option("--deep", is_flag=True, help="Also read every LMDB record (in a child process, so a damaged "
+                                           "page is reported, not a crash).")
+def verify(directory, deep) -> None:
+    """Check a datastore on disk: manifest checksum, shard stamps, index checksums (as opening
+    does), and with --deep every record. Exits 2 naming the first damaged file."""
+    from datastore.integrity import deep_check
+    from datastore.store import open_datastore
+
+    with open_datastore(directory) as ds:
+        counts = {s.shard_id: len(s) for s in ds.shards}
+        paths = [s.path for s in ds.shards]
+    report = {"datastore": str(directory), "shards": len(counts), "passages": sum(counts.values()), "ok": True}
+    if deep:
+        report["records"] = {str(p.name): deep_check(p) for p in paths}
+    _echo_json(report)
 
 
 @cli.command()
@@ -491,6 +558,10 @@ def _mount_rag() -> None:
 
 
 _mount_rag()
+
+from datastore.compat_cli import compat as _compat_group  # noqa: E402  (binary codes across models)
+
+cli.add_command(_compat_group)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

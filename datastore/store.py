@@ -40,7 +40,34 @@ class Limits:
     max_k: int = 10_000
     max_batch: int = 4_096
     max_upsert_batch: int = 65_536
+    #: Chars of one query or passage text (and of a title, source, metadata key or value).
     max_text_chars: int = 1_000_000
+    #: Rows one search may ask the indexes for: queries times the largest of k, nprobe,
+    #: ef_search and k * oversample (each sizes a (queries, n) array inside the index).
+    max_hits: int = 1_000_000
+    #: Metadata entries of one passage or filter, and tenants of one passage.
+    max_metadata_entries: int = 1_024
+    max_tenants_per_passage: int = 1_024
+    #: The largest id a caller may choose: ids above it stay free for the server to assign
+    #: (new ids count up from the largest stored one, so one upsert at 2^63 - 1 would
+    #: otherwise leave no id for any later passage).
+    max_explicit_id: int = 2**62 - 1
+
+
+def check_search_size(k: int, n_queries: int, params: SearchParams | None, limits: Limits) -> None:
+    """ResourceExhausted when a search would make the indexes build arrays larger than
+    limits.max_hits rows (k, nprobe, ef_search or the binary rerank pool, per query)."""
+    widths = {"k": k}
+    if params is not None:
+        knobs = (("nprobe", params.nprobe), ("ef_search", params.ef_search))
+        widths.update({f"params.{n}": v for n, v in knobs if v is not None})
+        if params.oversample is not None and np.isfinite(params.oversample):
+            widths["k * params.oversample"] = float(k) * params.oversample
+    for name, width in widths.items():
+        if width * max(n_queries, 1) > limits.max_hits:
+            raise ResourceExhausted(f"{name} = {width:g} for {n_queries} queries asks for more than "
+                                    f"{limits.max_hits} results", subject="search size",
+                                    hint="send fewer queries per call or a smaller k / nprobe")
 
 
 @dataclass(frozen=True)
@@ -77,6 +104,14 @@ def check_query_vectors(vectors: np.ndarray, dim: int, name: str = "vector") -> 
     if not np.isfinite(vectors).all():
         raise InvalidArgument.field(name, "holds NaN or inf")
     return vectors
+
+
+def check_ids(ids: Sequence[int], name: str = "ids") -> None:
+    """InvalidArgument unless every id is an integer in [0, 2^63) (ids travel as int64; the
+    wire type is uint64, so a caller can send larger ones)."""
+    for i in ids:
+        if not isinstance(i, (int, np.integer)) or not 0 <= int(i) <= MAX_ID:
+            raise InvalidArgument.field(name, f"id {i} is not an integer in [0, 2^63)")
 
 
 def embed_queries(queries: Sequence[Query], dim: int, limits: Limits,
@@ -228,6 +263,10 @@ class Datastore:
         self._check_params(params)
         self._check_tenants([tenant] if tenant is not None else [])
         vectors = self.check_vectors(vectors, "queries")
+        check_search_size(k, len(vectors), params, self.limits)
+        if metadata_filter and len(metadata_filter) > self.limits.max_metadata_entries:
+            raise ResourceExhausted(f"metadata_filter: {len(metadata_filter)} entries, at most "
+                                    f"{self.limits.max_metadata_entries}", subject="filter size")
 
         def one(i: int) -> SearchResult:
             allowed = self._filter_ids(i, metadata_filter) if metadata_filter else None
@@ -242,6 +281,7 @@ class Datastore:
                include_text: bool = True) -> list[list[Hit]]:
         """Top-k hits per query (text or vector), with passages (text when `include_text`)."""
         self._check_k(k)
+        check_search_size(k, len(queries), params, self.limits)  # before embedding a huge batch
         result = self.search_vectors(self.embed_queries(queries), k, tenant, metadata_filter, params)
         found = {p.id: p for p in self._fetch(np.unique(result.ids[result.ids >= 0]).tolist()) if p is not None}
         hits = []
@@ -317,9 +357,7 @@ class Datastore:
     # -- updates --------------------------------------------------------------------------------
 
     def _check_ids(self, ids: Sequence[int]) -> None:
-        for i in ids:
-            if not isinstance(i, (int, np.integer)) or not 0 <= int(i) <= MAX_ID:
-                raise InvalidArgument.field("ids", f"id {i} is not an integer in [0, 2^63)")
+        check_ids(ids)
 
     def upsert(self, passages: Sequence[Passage], vectors: np.ndarray | None = None) -> list[int]:
         """Store passages (new ids for those with id < 0), embedding texts without a vector.
@@ -333,11 +371,13 @@ class Datastore:
         for n, p in enumerate(passages):
             if not isinstance(p.text, str) or (vectors is None and not p.text.strip()):
                 raise InvalidArgument.field(f"passages[{n}].text", "must be non-empty text (or send a vector)")
-            if len(p.text) > self.limits.max_text_chars:
-                raise ResourceExhausted(f"passages[{n}].text: {len(p.text)} chars, at most "
-                                        f"{self.limits.max_text_chars}", subject="text size")
+            self._check_passage_size(n, p)
             if p.id >= 0:
                 self._check_ids([p.id])
+                if p.id > self.limits.max_explicit_id:
+                    raise InvalidArgument.field(f"passages[{n}].id",
+                                                f"{p.id} is above {self.limits.max_explicit_id}, the largest "
+                                                "id a caller may choose (leave it unset)")
         self._check_tenants({t for p in passages for t in p.tenants})
         if vectors is not None:
             vectors = self.check_vectors(vectors, "vectors")
@@ -367,11 +407,29 @@ class Datastore:
                 self._dirty[slot] = True
         return ids.tolist()
 
+    def _check_passage_size(self, n: int, p: Passage) -> None:
+        lim = self.limits
+        fields = [("text", p.text), ("title", p.title), ("source", p.source)]
+        fields += [(f"metadata[{k[:40]!r}]", v) for k, v in p.metadata.items()]
+        fields += [("metadata key", k) for k in p.metadata]
+        for name, value in fields:
+            if len(value) > lim.max_text_chars:
+                raise ResourceExhausted(f"passages[{n}].{name}: {len(value)} chars, "
+                                        f"at most {lim.max_text_chars}", subject="text size")
+        for name, count, most in (("metadata", len(p.metadata), lim.max_metadata_entries),
+                                  ("tenants", len(p.tenants), lim.max_tenants_per_passage)):
+            if count > most:
+                raise ResourceExhausted(f"passages[{n}].{name}: {count} entries, at most {most}",
+                                        subject=f"{name} size")
+
     def _allocate(self, n: int) -> list[int]:
         """The next n free ids that belong to shards served here (all ids when all are), so
         shard servers of one datastore never hand out the same id."""
         out: list[int] = []
         start = self._next_id
+        if start + 2 * n * self.manifest.num_shards + 64 > MAX_ID:
+            raise ResourceExhausted(f"no free ids above {start - 1} for {n} new passages", subject="id space",
+                                    hint="give the passages explicit ids below the largest stored one")
         while len(out) < n:
             block = np.arange(start, start + max(64, 2 * (n - len(out)) * self.manifest.num_shards), dtype=np.int64)
             mine = block[np.isin(shard_of(block, self.manifest.num_shards), self.shard_ids)]

@@ -7,7 +7,7 @@ times each call to a shard server; passage counts come from Stats at scrape time
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
@@ -21,6 +21,9 @@ SHARD_LATENCY = Histogram("datastore_shard_call_seconds", "Router calls to shard
                           ["server", "method"], registry=REGISTRY)
 SHARD_ERRORS = Counter("datastore_shard_errors_total", "Failed router calls to shard servers",
                        ["server", "method", "code"], registry=REGISTRY)
+GUARD_REFUSALS = Counter("datastore_guard_refusals_total",
+                         "Calls refused before any work: quotas, stream limits, malformed payloads, deadlines",
+                         ["reason"], registry=REGISTRY)
 
 
 class MetricsInterceptor(grpc.ServerInterceptor):
@@ -66,7 +69,7 @@ class _StatsCollector:
         memory = GaugeMetricFamily("datastore_index_memory_bytes", "Index RAM per shard", labels=["shard"])
         try:
             st = self._stats()
-        except Exception:  # a scrape must not fail because a shard is down
+        except Exception:  # noqa: BLE001  # a scrape must not fail because a shard is down
             return
         for s in st.shards:
             passages.add_metric([str(s.shard_id)], s.passages)

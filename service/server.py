@@ -2,14 +2,20 @@
 with health checking and server reflection registered (grpcurl, Kubernetes probes).
 
 Servicer methods only convert and delegate; one interceptor turns DatastoreError into
-statuses with details, so no method handles errors itself.
+statuses with details, so no method handles errors itself. Outside it, the guard
+(service/limits.py) refuses malformed payloads, caps deadlines and stream sizes and applies
+per-key quotas before any work is done.
+
+Health names: "" and "datastore.v1.Datastore" report readiness (a router: NOT_SERVING while
+some shard server has no live replica); "liveness" reports SERVING for as long as the
+process answers, for liveness probes that must not restart a router whose shards are down.
 """
 
 from __future__ import annotations
 
 import logging
 from concurrent import futures
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
 import grpc
@@ -24,12 +30,16 @@ if TYPE_CHECKING:
 from service.pb import datastore_pb2 as pb
 from service.pb import datastore_pb2_grpc as pb_grpc
 from service.auth import AuthInterceptor
+from service.limits import GuardInterceptor, ServiceLimits
 from service.metrics import MetricsInterceptor
 from service.servicer import DatastoreServicer
 from service.status import to_status
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Datastore"].full_name
+#: Health service name that reports SERVING for as long as the process answers at all
+#: (a liveness probe); "" and SERVICE_NAME report readiness (a router: its shards' health).
+LIVENESS_NAME = "liveness"
 
 
 @dataclass(frozen=True)
@@ -42,6 +52,11 @@ class ServerConfig:
     #: PEM files: serve TLS instead of plaintext.
     tls_cert: str | None = None
     tls_key: str | None = None
+    #: Calls in progress or queued beyond this are refused at once with RESOURCE_EXHAUSTED
+    #: (None: grpc queues without bound behind the worker threads).
+    max_concurrent_rpcs: int | None = None
+    #: Deadlines, stream size and per-key quotas (service/limits.py).
+    limits: ServiceLimits = field(default_factory=ServiceLimits)
 
 
 class ErrorInterceptor(grpc.ServerInterceptor):
@@ -91,14 +106,16 @@ def create_server(store: "Datastore | Router", address: str = "127.0.0.1:0",
     """A started server bound to `address` (port 0 picks a free one); returns (server, port)."""
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="grpc"),
-        interceptors=([MetricsInterceptor()] if config.metrics else []) + [ErrorInterceptor(), AuthInterceptor(_authenticator(store))],
+        interceptors=([MetricsInterceptor()] if config.metrics else [])
+        + [GuardInterceptor(config.limits), ErrorInterceptor(), AuthInterceptor(_authenticator(store))],
         options=[("grpc.max_receive_message_length", config.max_message_bytes),
                  ("grpc.max_send_message_length", config.max_message_bytes)],
+        maximum_concurrent_rpcs=config.max_concurrent_rpcs,
     )
     pb_grpc.add_DatastoreServicer_to_server(DatastoreServicer(store), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    for name in ("", SERVICE_NAME):
+    for name in ("", SERVICE_NAME, LIVENESS_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     if config.tls_cert:
@@ -118,7 +135,8 @@ def create_server(store: "Datastore | Router", address: str = "127.0.0.1:0",
 
 
 def set_serving(server: grpc.Server, serving: bool) -> None:
-    """Report SERVING or NOT_SERVING on the health service (what probes and balancers read)."""
+    """Report SERVING or NOT_SERVING on the readiness names of the health service (what
+    balancers and readiness probes read); LIVENESS_NAME stays SERVING."""
     status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
     for name in ("", SERVICE_NAME):
         server.health_servicer.set(name, status)  # type: ignore[attr-defined]

@@ -335,3 +335,18 @@ def test_info_json_shows_manifest_and_shard_counts(built_dir, capsys):
     assert rc == 0 and '"complete": true' in text
     table = text.splitlines()[-2:]
     assert [int(row.split()[1].replace(",", "")) for row in table] == [s["passages"] for s in info["shards"]]
+
+
+def test_verify_passes_a_sound_datastore_and_names_the_damaged_file(capsys, store_copy):
+    rc, out, _ = _run(capsys, "verify", store_copy, "--deep")
+    report = json.loads(out)
+    assert rc == 0 and report["ok"] and report["shards"] == 2
+    assert sum(r["passages"] for r in report["records"].values()) == report["passages"] > 0
+    data = store_copy / "shard-0001" / "data.mdb"
+    raw = bytearray(data.read_bytes())
+    rng = random.Random(3)
+    for _ in range(300):  # garble pages past the two meta pages
+        raw[rng.randrange(8192, len(raw))] ^= 0xFF
+    data.write_bytes(bytes(raw))
+    rc, _, err = _run(capsys, "verify", store_copy, "--deep")
+    assert rc == 2 and "shard-0001" in _one_error_line(err)
