@@ -8,6 +8,8 @@ are saved on close, or rebuilt from LMDB on the next open after a crash).
 
 from __future__ import annotations
 
+import logging
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -19,13 +21,16 @@ import numpy as np
 from datastore.control import ControlStore, check_tenant_name
 from datastore.encoder import Encoder
 from datastore.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
-from datastore.indexing import index_dir, open_index, save_index
+from datastore.indexing import drop_commit, index_dir, open_index, save_index
+from datastore.integrity import write_failed_for_space
 from datastore.manifest import Manifest
 from datastore.records import MAX_ID, Hit, Passage
 from datastore.shard import Shard
 from datastore.sharding import merge_topk, shard_of
 from index import SearchParams, SearchResult, VectorIndex
 from index.base import dir_size
+
+log = logging.getLogger(__name__)
 
 Query = str | np.ndarray
 #: The tenant set of a passage whose last grant was revoked: visible to no tenant (an empty
@@ -140,6 +145,12 @@ def embed_queries(queries: Sequence[Query], dim: int, limits: Limits,
     return out
 
 
+def _set_omp_threads(n: int) -> None:
+    import faiss
+
+    faiss.omp_set_num_threads(n)
+
+
 class Datastore:
     """A built datastore directory, opened for queries and updates (one process at a time)."""
 
@@ -163,18 +174,31 @@ class Datastore:
         if bad or not self.shard_ids:
             raise InvalidArgument.field("shards", f"{bad or 'none'}: the datastore has shards 0..{n - 1}")
         self._slot = {sid: slot for slot, sid in enumerate(self.shard_ids)}
-        self.shards = [Shard(self.directory / self.manifest.shard_dirs[i], i, self.dim, self.manifest.vector_dtype)
-                       for i in self.shard_ids]
-        self.indexes: list[VectorIndex] = [open_index(s, self.manifest.index) for s in self.shards]
+        self.shards: list[Shard] = []
+        try:  # a damaged file raises part way: close what opened, so a retry in this process works
+            for i in self.shard_ids:
+                self.shards.append(Shard(self.directory / self.manifest.shard_dirs[i], i, self.dim,
+                                         self.manifest.vector_dtype))
+            self.indexes: list[VectorIndex] = [open_index(s, self.manifest.index) for s in self.shards]
+            self.control = ControlStore(self.directory)
+        except BaseException:
+            for s in self.shards:
+                s.close()
+            self.shards = []
+            raise
         # faiss indexes are not safe to mutate while searched: one lock per shard
         self._locks = [threading.Lock() for _ in self.shards]
         self._dirty = [False for _ in self.shards]
-        self._pool = ThreadPoolExecutor(max_workers=max(1, min(len(self.shards), 8)),
-                                        thread_name_prefix="shard-search")
+        #: slots whose in-memory index missed a committed write (see _update_index): never saved
+        self._unsaved = [False for _ in self.shards]
+        workers = max(1, min(len(self.shards), 8))
+        # OpenMP's thread count is per thread: without this each search thread would start a
+        # team of nproc threads and several shards searched at once would oversubscribe the cores
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="shard-search",
+                                        initializer=_set_omp_threads, initargs=(max(1, (os.cpu_count() or 1) // workers),))
         self._next_id = max(s.next_id for s in self.shards)  # ids at or above are free here
         self._id_lock = threading.Lock()
         self._filter_cache: dict[tuple[int, int, tuple], np.ndarray] = {}
-        self.control = ControlStore(self.directory)
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -188,9 +212,33 @@ class Datastore:
         """Save indexes changed since the last save (LMDB already holds every write)."""
         for i, shard in enumerate(self.shards):
             with self._locks[i]:
-                if self._dirty[i]:
+                if self._dirty[i] and not self._unsaved[i]:
                     save_index(shard, self.indexes[i])
                     self._dirty[i] = False
+
+    def _update_index(self, slot: int, change: Callable[[VectorIndex], None]) -> None:
+        """Apply `change` to a slot's index after its shard committed (call under the slot lock).
+
+        If the change fails, the in-memory index no longer mirrors LMDB: the saved index is
+        marked not current (the next open rebuilds it from LMDB, which holds the write) and
+        this slot is never saved again in this process, so no save can record the gap. The
+        error reaches the caller (RESOURCE_EXHAUSTED when the disk is full)."""
+        try:
+            change(self.indexes[slot])
+            self._dirty[slot] = True
+        except Exception as e:
+            shard = self.shards[slot]
+            self._unsaved[slot] = True
+            try:
+                drop_commit(shard)
+            except OSError:
+                log.exception("shard %d: could not mark its saved index stale", shard.shard_id)
+            log.error("shard %d: index update failed after the commit (%s); the index is rebuilt from LMDB "
+                      "on the next open", shard.shard_id, e)
+            if write_failed_for_space(e, shard.path):
+                raise ResourceExhausted(f"shard {shard.shard_id}: disk full at {shard.path} while updating its index",
+                                        subject="disk", hint="free disk space; the passages were stored") from e
+            raise
 
     def autoflush(self, interval: float) -> None:
         """Save changed indexes every `interval` seconds from a background thread, so a crash
@@ -208,12 +256,14 @@ class Datastore:
             return
         if hasattr(self, "_stop_flush"):
             self._stop_flush.set()
-        self.flush()
-        self._pool.shutdown(wait=True)
-        for s in self.shards:
-            s.close()
-        self.shards = []
-        self.control.close()
+        try:
+            self.flush()
+        finally:  # a flush on a full disk must not leave the shards open
+            self._pool.shutdown(wait=True)
+            for s in self.shards:
+                s.close()
+            self.control.close()
+            self.shards = []
 
     @property
     def encoder(self) -> Encoder:
@@ -403,8 +453,8 @@ class Datastore:
         for slot, sel in groups:
             with self._locks[slot]:
                 self.shards[slot].put([stored[i] for i in sel], vectors[sel])
-                self.indexes[slot].add(ids[sel], vectors[sel], [stored[i].tenants for i in sel])
-                self._dirty[slot] = True
+                self._update_index(slot, lambda index: index.add(ids[sel], vectors[sel],
+                                                                 [stored[i].tenants for i in sel]))
         return ids.tolist()
 
     def _check_passage_size(self, n: int, p: Passage) -> None:
@@ -449,8 +499,7 @@ class Datastore:
             with self._locks[slot]:
                 gone = self.shards[slot].delete(arr[sel].tolist())
                 if gone:
-                    self.indexes[slot].remove(np.asarray(gone, np.int64))
-                    self._dirty[slot] = True
+                    self._update_index(slot, lambda index: index.remove(np.asarray(gone, np.int64)))
                 deleted += len(gone)
         return deleted
 
@@ -527,9 +576,11 @@ class Datastore:
                 up_ids = np.array([p.id for p in updated], np.int64)
                 vectors = shard.get_vectors(up_ids.tolist())
                 shard.put(updated, vectors)
-                self.indexes[slot].remove(up_ids)
-                self.indexes[slot].add(up_ids, vectors, [p.tenants for p in updated])
-                self._dirty[slot] = True
+                def change(index: VectorIndex) -> None:
+                    index.remove(up_ids)
+                    index.add(up_ids, vectors, [p.tenants for p in updated])
+
+                self._update_index(slot, change)
                 changed += len(updated)
         return changed
 
