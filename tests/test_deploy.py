@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 ENTRYPOINT = DEPLOY / "entrypoint.sh"
 HEALTH_SERVICE = "datastore.v1.Datastore"
+LIVENESS_SERVICE = "liveness"  # service.server.LIVENESS_NAME
 # What each layout renders: (directory, shards, copies of the index).
 LAYOUTS = {"base": (DEPLOY / "k8s/base", 1, 1),
            "overlay": (DEPLOY / "k8s/overlays/2-shards-2-replicas", 2, 2)}
@@ -182,11 +183,10 @@ def test_every_container_probes_grpc_health_on_its_serving_port(rendered, layout
             probes = {k: c[k] for k in ("startupProbe", "readinessProbe", "livenessProbe") if k in c}
             assert "readinessProbe" in probes and "livenessProbe" in probes, c["name"]
             for kind, probe in probes.items():
-                if w["kind"] == "Deployment" and kind == "livenessProbe":
-                    # The router's health follows its shards: its liveness checks the port only.
-                    assert probe == {**probe, "tcpSocket": {"port": grpc_port}}, probe
-                    continue
-                assert probe["grpc"] == {"port": grpc_port, "service": HEALTH_SERVICE}, (c["name"], kind)
+                # Liveness asks the always-SERVING `liveness` name (service/server.py): readiness
+                # follows the shards, and a restart would not bring a shard back.
+                service = LIVENESS_SERVICE if kind == "livenessProbe" else HEALTH_SERVICE
+                assert probe["grpc"] == {"port": grpc_port, "service": service}, (c["name"], kind)
             assert c["resources"]["requests"]["cpu"] and c["resources"]["requests"]["memory"]
 
 
