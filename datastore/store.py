@@ -18,6 +18,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from datastore import compat
 from datastore.control import ControlStore, check_tenant_name
 from datastore.encoder import Encoder
 from datastore.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
@@ -180,6 +181,8 @@ class Datastore:
                 self.shards.append(Shard(self.directory / self.manifest.shard_dirs[i], i, self.dim,
                                          self.manifest.vector_dtype))
             self.indexes: list[VectorIndex] = [open_index(s, self.manifest.index) for s in self.shards]
+            # binary codes: one binarizer for every shard, and the query binarizers of compat_models
+            compat.attach(self.directory, self.manifest, self.shards, self.indexes, save=save_index)
             self.control = ControlStore(self.directory)
         except BaseException:
             for s in self.shards:
@@ -199,6 +202,7 @@ class Datastore:
         self._next_id = max(s.next_id for s in self.shards)  # ids at or above are free here
         self._id_lock = threading.Lock()
         self._filter_cache: dict[tuple[int, int, tuple], np.ndarray] = {}
+        self._query_encoders: dict[str, Encoder] = {}
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -300,8 +304,18 @@ class Datastore:
     def check_vectors(self, vectors: np.ndarray, name: str = "vector") -> np.ndarray:
         return check_query_vectors(vectors, self.dim, name)
 
-    def embed_queries(self, queries: Sequence[Query]) -> np.ndarray:
-        return embed_queries(queries, self.dim, self.limits, lambda: self.encoder)
+    def embed_queries(self, queries: Sequence[Query], params: SearchParams | None = None) -> np.ndarray:
+        """Texts embedded by the model `params.query_model` names (the datastore's by default)."""
+        record = compat.query_model(self.manifest, params)
+        if record is None:
+            return embed_queries(queries, self.dim, self.limits, lambda: self.encoder)
+        return embed_queries(queries, int(record["dim"]), self.limits, lambda: self._query_encoder(record["name"]))
+
+    def _query_encoder(self, name: str) -> Encoder:
+        with self._encoder_lock:
+            if name not in self._query_encoders:
+                self._query_encoders[name] = compat.make_encoder(name)
+            return self._query_encoders[name]
 
     # -- queries --------------------------------------------------------------------------------
 
@@ -312,7 +326,7 @@ class Datastore:
         self._check_k(k)
         self._check_params(params)
         self._check_tenants([tenant] if tenant is not None else [])
-        vectors = self.check_vectors(vectors, "queries")
+        vectors = check_query_vectors(vectors, compat.query_dim(self.manifest, params), "queries")
         check_search_size(k, len(vectors), params, self.limits)
         if metadata_filter and len(metadata_filter) > self.limits.max_metadata_entries:
             raise ResourceExhausted(f"metadata_filter: {len(metadata_filter)} entries, at most "
@@ -332,7 +346,8 @@ class Datastore:
         """Top-k hits per query (text or vector), with passages (text when `include_text`)."""
         self._check_k(k)
         check_search_size(k, len(queries), params, self.limits)  # before embedding a huge batch
-        result = self.search_vectors(self.embed_queries(queries), k, tenant, metadata_filter, params)
+        self._check_params(params)
+        result = self.search_vectors(self.embed_queries(queries, params), k, tenant, metadata_filter, params)
         found = {p.id: p for p in self._fetch(np.unique(result.ids[result.ids >= 0]).tolist()) if p is not None}
         hits = []
         for q in range(result.num_queries):

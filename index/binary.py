@@ -8,8 +8,17 @@
 - Rerank: the top k x oversample candidates are rescored with full-precision vectors read
   from a BlobStore (`FloatStore`), so codes decide what is read, floats decide the order.
 - Versions: a binarizer trained compatibly for another embedding model can be attached;
-  its queries search these codes directly (`search_as`), without rerank, since the stored
-  floats belong to the other model.
+  its queries (`SearchParams.query_model` naming that model, or `search_as`) search these
+  codes. The stored floats belong to the index's own model, so a raw float score of another
+  model's query against them means nothing. A compatible binarizer is a translator into this
+  model's space followed by a copy of this index's binarizer, so the query is translated
+  (its reconstruction as an own-model vector), binarized by our binarizer (the same codes
+  the compatible binarizer makes) and reranked with the stored floats against the
+  translation, exactly like an own-model query. A compatible binarizer without a translator
+  (none made by this code, but loadable) ranks by SDC alone.
+- One binarizer per datastore: `use_binarizer` makes an index adopt a binarizer trained
+  elsewhere (on a sample across all shards), re-encoding its codes from the stored floats,
+  so every shard's codes come from the same model and a compatible binarizer fits them all.
 
 Tenant visibility and id filters restrict the rows scanned, never the results afterwards.
 """
@@ -21,16 +30,25 @@ import math
 import shutil
 import tempfile
 import threading
-from dataclasses import asdict, dataclass, fields
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Sequence
+from typing import TYPE_CHECKING
 
 import faiss
 import numpy as np
 
 from index import sdc
-from index.base import (MISSING_ID, IndexStats, Metric, SearchParams, SearchResult, check_dim_metric, check_ids,
-                        check_vectors)
+from index.base import (
+    MISSING_ID,
+    IndexStats,
+    Metric,
+    SearchParams,
+    SearchResult,
+    check_dim_metric,
+    check_ids,
+    check_vectors,
+)
 from index.binarizer_config import BinarizerConfig
 from index.kmeans import balanced_kmeans
 from index.storage import BlobStore, LmdbBlobStore
@@ -275,7 +293,62 @@ class BinaryIndex:
                 self.vectors.delete(gone.tolist())
             return len(gone)
 
-    def attach_query_binarizer(self, binarizer: "Binarizer") -> None:
+    def use_binarizer(self, binarizer: Binarizer, sample: np.ndarray | None = None) -> bool:
+        """Adopt `binarizer` (trained elsewhere, e.g. once for the whole datastore) instead of
+        training one; codes already held are re-encoded from the stored floats. IVF centroids
+        are trained on `sample` when the index has none yet (else kept: they live in float
+        space). Query binarizers trained against the previous binarizer are dropped. Returns
+        whether anything changed (False when `binarizer` makes the codes held already)."""
+        if binarizer.dim != self.dim or (binarizer.m, binarizer.bits) != (self.m, self.config.bits):
+            raise ValueError(f"binarizer makes {binarizer.m}x{binarizer.bits} codes of {binarizer.dim}-d vectors; "
+                             f"this index holds {self.m}x{self.config.bits} codes of {self.dim}-d ones")
+        with self._lock:
+            fingerprint = binarizer.fingerprint()
+            if self.binarizer is not None and self.binarizer.fingerprint() == fingerprint:
+                return False
+            if not len(self._ids):  # an empty index adopting a binarizer: as after train(), no stale floats
+                self.vectors.clear()
+            self.binarizer = binarizer
+            self.query_binarizers = {v: b for v, b in self.query_binarizers.items()
+                                     if b.compatible_with == (binarizer.embedding_version, fingerprint)}
+            if self.config.ivf_lists and self._centroids is None and sample is not None and len(sample):
+                sample = check_vectors(sample, self.dim, "sample")
+                lists = min(self.config.ivf_lists, len(sample))
+                self._centroids, _ = balanced_kmeans(sample[:KMEANS_ROWS_PER_LIST * lists], lists,
+                                                     seed=self.config.seed)
+                self._build_quantizer()
+                self._lists = np.zeros(0, np.int32)
+                if len(self._ids):
+                    self._lists = self._assign_all()
+            elif self._centroids is not None:
+                self._build_quantizer()
+            self._codes = self._encode_stored()
+            self._changed()
+            return True
+
+    def _stored_batches(self) -> Iterable[tuple[slice, np.ndarray]]:
+        """(rows, float vectors) of every held id, read back from the FloatStore in batches."""
+        step = max(1, RERANK_FLOATS // self.dim)
+        for start in range(0, len(self._ids), step):
+            rows = slice(start, start + step)
+            found, vectors = self.vectors.get(self._ids[rows])
+            if not found.all():
+                raise ValueError(f"{int((~found).sum())} ids have no stored float vector to re-encode")
+            yield rows, vectors
+
+    def _encode_stored(self) -> np.ndarray:
+        codes = np.empty((self.config.bits, self.words, len(self._ids)), np.uint64)
+        for rows, vectors in self._stored_batches():
+            codes[:, :, rows] = sdc.to_planes(self.binarizer.encode(vectors))
+        return codes
+
+    def _assign_all(self) -> np.ndarray:
+        lists = np.empty(len(self._ids), np.int32)
+        for rows, vectors in self._stored_batches():
+            lists[rows] = self._quantizer.search(vectors, 1)[1][:, 0]
+        return lists
+
+    def attach_query_binarizer(self, binarizer: Binarizer) -> None:
         """Accept queries of another embedding version: `binarizer` must have been trained with
         `fit_compatible` against this index's binarizer."""
         with self._lock:
@@ -291,7 +364,14 @@ class BinaryIndex:
 
     def search(self, queries: np.ndarray, k: int, tenant: str | None = None, params: SearchParams | None = None,
                allowed_ids: np.ndarray | None = None) -> SearchResult:
-        """SDC top k x oversample by codes, then the top k of those by float score."""
+        """SDC top k x oversample by codes, then the top k of those by float score; queries of
+        another model (`params.query_model` naming an attached query binarizer) by SDC alone."""
+        version = params.query_model if params is not None else None
+        if version is not None and version in self.query_binarizers:
+            return self.search_as(version, queries, k, tenant, params, allowed_ids)
+        if version is not None and version != self.own_version and self.own_version:
+            raise ValueError(f"no query binarizer for embedding version {version!r}; have "
+                             f"{sorted([self.own_version, *self.query_binarizers])}")
         queries = check_vectors(queries, self.dim, "queries")
         n = self._candidates(k, params)
         with self._lock:
@@ -326,14 +406,24 @@ class BinaryIndex:
                   params: SearchParams | None = None, allowed_ids: np.ndarray | None = None) -> SearchResult:
         """Search with queries embedded by model `version`: the index's own version reranks as
         `search` does; an attached compatible version ranks by codes alone."""
-        own = self.binarizer.embedding_version if self.binarizer is not None else self.config.embedding_version
-        if version == own:
-            return self.search(queries, k, tenant, params, allowed_ids)
+        own = self.own_version
         binarizer = self.query_binarizers.get(version)
         if binarizer is None:
+            if version == own:
+                return self.search(queries, k, tenant, None if params is None else replace(params, query_model=None),
+                                   allowed_ids)
             raise ValueError(f"no query binarizer for embedding version {version!r}; have "
                              f"{sorted([own, *self.query_binarizers])}")
+        queries = check_vectors(queries, binarizer.dim, "queries")
+        if binarizer.translates:  # its codes are ours of the translation: rerank that like our own query
+            own_params = None if params is None else replace(params, query_model=None)
+            return self.search(binarizer.translate(queries), k, tenant, own_params, allowed_ids)
         return self.search_codes(binarizer.encode(queries), k, tenant, params, allowed_ids)
+
+    @property
+    def own_version(self) -> str:
+        """The embedding model version of the vectors this index holds ("" when unnamed)."""
+        return self.binarizer.embedding_version if self.binarizer is not None else self.config.embedding_version
 
     def _candidates(self, k: int, params: SearchParams | None) -> int:
         if k <= 0:
@@ -443,7 +533,7 @@ class BinaryIndex:
             self._saved_dir = directory
 
     @classmethod
-    def load(cls, directory: Path, storage: BlobStore | None = None) -> "BinaryIndex":
+    def load(cls, directory: Path, storage: BlobStore | None = None) -> BinaryIndex:
         from index.binarizer import Binarizer
 
         directory = Path(directory)
@@ -477,6 +567,7 @@ class BinaryIndex:
         return IndexStats(self.kind, len(self), self.dim, memory, self.vectors.store.disk_bytes() + files,
                           {"bits": self.config.bits, "code_dims": self.m, "code_bytes": self.code_bytes,
                            "model_bytes": model,
+                           "binarizer": "" if self.binarizer is None else self.binarizer.fingerprint(),
                            "ivf_lists": 0 if self._centroids is None else len(self._centroids),
                            "embedding_version": self.config.embedding_version,
                            "query_versions": sorted(self.query_binarizers)})
