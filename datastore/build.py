@@ -389,6 +389,7 @@ def build(cfg: BuildConfig, encoder_factory: Callable[[], Encoder] | None = None
     finally:
         control.close()
     t_index = time.perf_counter()
+    _train_shared_binarizer(cfg, manifest)
     if cfg.ray is None:
         for i in range(cfg.shards):
             build_shard(cfg.out, i, cfg.seed)
@@ -437,3 +438,22 @@ def _load_embeddings(path: Path) -> np.ndarray:
 def _check_finite(vecs: np.ndarray, path: Path | None) -> None:
     if not np.isfinite(vecs).all():
         raise InvalidArgument(f"{path}: embeddings hold NaN or inf values")
+
+
+def _train_shared_binarizer(cfg: BuildConfig, manifest: Manifest) -> None:
+    """Binary codes: one binarizer for the whole datastore, trained on a sample across all
+    shards before the shards are indexed, so queries binarize once and a compatible model is
+    trained once (datastore/compat.py). Kept when a resumed build already recorded one (it
+    is trained only after every passage was committed)."""
+    from datastore import compat
+
+    if not hasattr(INDEX_KINDS[manifest.index.kind], "use_binarizer") or compat.own_record(manifest) is not None:
+        return
+    shards = [Shard(cfg.out / d, i, manifest.model.dim, manifest.vector_dtype) for i, d in enumerate(manifest.shard_dirs)]
+    try:
+        compat.train_shared_binarizer(cfg.out, manifest, shards, cfg.seed)
+    finally:
+        for shard in shards:
+            shard.close()
+    manifest.save(cfg.out)
+

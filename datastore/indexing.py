@@ -53,11 +53,16 @@ def _sample(shard: Shard, size: int, seed: int) -> np.ndarray:
     return np.concatenate(parts)[:size] if parts else np.zeros((0, shard.dim), np.float32)
 
 
-def build_index(shard: Shard, info: IndexInfo, seed: int = 0) -> VectorIndex:
-    """Train and fill a new index from the shard's stored vectors, then save it."""
+def build_index(shard: Shard, info: IndexInfo, seed: int = 0, binarizer=None) -> VectorIndex:
+    """Train and fill a new index from the shard's stored vectors, then save it. A binary
+    index given the datastore's shared `binarizer` adopts it instead of training its own."""
     seq = shard.seq
     index = create_index(info.kind, shard.dim, info.metric, storage=shard.blob_store(), **info.params)
-    index.train(_sample(shard, TRAIN_SAMPLE, seed))
+    sample = _sample(shard, TRAIN_SAMPLE, seed)
+    if binarizer is not None and hasattr(index, "use_binarizer"):
+        index.use_binarizer(binarizer, sample)
+    else:
+        index.train(sample)
     for ids, vecs, tenants in shard.iter_vectors(with_tenants=True):
         index.add(ids, vecs, tenants)
     save_index(shard, index, seq)
@@ -153,9 +158,11 @@ def build_shard(directory: Path, shard_id: int, seed: int = 0) -> None:
     a local loop, a Ray task or a Slurm array task can run it, one shard each."""
     from datastore.manifest import Manifest
 
+    from datastore import compat
+
     m = Manifest.load(directory)
     shard = Shard(Path(directory) / m.shard_dirs[shard_id], shard_id, m.model.dim, m.vector_dtype)
     try:
-        build_index(shard, m.index, seed)
+        build_index(shard, m.index, seed, binarizer=compat.shared_binarizer(Path(directory), m))
     finally:
         shard.close()
