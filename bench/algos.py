@@ -17,10 +17,11 @@ from bench.peers import DiskANN, DiskANNMemory, FaissFlat, FaissHNSW, FaissIVF, 
 from bench.binary_peers import GRIDS as BINARY_PEER_GRIDS
 from bench.binary_peers import FaissIVFPQ, SignBinary
 from bench.peers_db import LanceIVFFlat, LanceIVFPQ, MilvusLite
+from bench.tenant_peers import TENANT_PEERS
 
 PEERS: dict[str, type[Adapter]] = {cls.name: cls for cls in (
     FaissFlat, FaissIVF, FaissHNSW, FaissOnDiskIVF, Hnswlib, DiskANN, DiskANNMemory,
-    LanceIVFPQ, LanceIVFFlat, MilvusLite, SignBinary, FaissIVFPQ)}
+    LanceIVFPQ, LanceIVFFlat, MilvusLite, SignBinary, FaissIVFPQ, *TENANT_PEERS)}
 
 #: Our kinds as the design names them; those not yet in INDEX_KINDS are reported as skipped.
 OUR_KINDS = ("flat", "spann", "curator", "binary")
@@ -51,6 +52,22 @@ DEFAULT_GRIDS: dict[str, dict[str, list[Any]]] = {
     # sign-binary and faiss-ivfpq: the baselines of the binary index (same float rerank)
     **BINARY_PEER_GRIDS,
 }
+
+
+#: Grids on multi-tenant datasets (`bench tenants`), where they replace DEFAULT_GRIDS: spanning
+#: recall@10 ~0.5-1 from tenants of a handful of vectors to ~20% of glove-50.
+TENANT_GRIDS: dict[str, dict[str, list[Any]]] = {
+    # leaf_size 128 (leaves of ~180 on glove-50's 200k-point training sample) cut the candidates
+    # the largest tenants need for recall .9 by ~20% against the default 256
+    "curator": {"leaf_size": [128], "candidate_budget": [256, 512, 1024, 1536, 2048, 3072, 4096, 6144, 8192, 16384]},
+    "per-tenant-ivf": {"flat_below": [1000], "nprobe": [1, 2, 4, 8, 16, 32, 64]},
+    "shared-ivf-filter": {"nlist": [1024], "nprobe": [8, 32, 128, 512, 1024]},
+    "hnswlib-filter": {"M": [16], "ef_construction": [100], "ef": [16, 64, 256]},
+    # ~0.1-0.2 s a query whatever the filter: three points keep a run within minutes
+    "milvus-lite-filter": {"index_type": ["IVF_FLAT"], "nlist": [1024], "nprobe": [8, 32, 128]},
+}
+#: The algos `bench tenants` runs when none are named.
+TENANT_ALGOS = ("curator", "per-tenant-ivf", "shared-ivf-filter", "hnswlib-filter", "milvus-lite-filter")
 
 
 class UnknownAlgo(ValueError):
@@ -109,13 +126,14 @@ def parse_grid_option(text: str | None, algos: list[str]) -> tuple[dict[str, dic
 
 
 def grid_for(name: str, adapter: type[Adapter], override: dict[str, list[Any]] | None,
-             lenient: bool = False) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(build points, search points) of the default grid with `override`'s keys replaced.
+             lenient: bool = False, tenants: bool = False) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(build points, search points) of the default grid (TENANT_GRIDS' on tenant datasets)
+    with `override`'s keys replaced.
 
     Keys the adapter does not know are an error, unless `lenient` (a grid shared by
     several algos), where they are left out for this algo.
     """
-    grid = dict(DEFAULT_GRIDS.get(name, {}))
+    grid = dict((TENANT_GRIDS if tenants and name in TENANT_GRIDS else DEFAULT_GRIDS).get(name, {}))
     override = override or {}
     allowed = set(adapter.build_keys) | set(adapter.search_keys)
     is_ours = adapter.search_keys and not adapter.build_keys and name not in PEERS

@@ -73,6 +73,8 @@ def plan(config: RunConfig) -> dict[str, tuple[list[dict], list[dict]] | str]:
     """Per algo, its (build points, search points), or the reason it cannot run. Raises on bad input."""
     from bench.algos import NotYetAvailable, UnknownAlgo, grid_for, parse_grid_option, resolve
 
+    tenants = (Path(config.dataset) / "query_tenants.npy").exists()  # tenant datasets have their own grids
+
     overrides, shared = parse_grid_option(config.param_grid, config.algos)
     shared = shared and len(set(config.algos)) > 1
     out: dict[str, tuple[list[dict], list[dict]] | str] = {}
@@ -86,7 +88,7 @@ def plan(config: RunConfig) -> dict[str, tuple[list[dict], list[dict]] | str]:
             out[algo] = str(e)
             continue
         ov = overrides.get(algo, {})
-        out[algo] = grid_for(algo, cls, ov, lenient=shared)
+        out[algo] = grid_for(algo, cls, ov, lenient=shared, tenants=tenants)
         used_keys |= {k for b, s in [out[algo]] for p in (b + s) for k in p}
     if shared:
         unknown = set(overrides[config.algos[0]]) - used_keys
@@ -142,8 +144,9 @@ def _spec(config: RunConfig, algo: str, build_points, search_points) -> WorkerSp
                       workdir=None if config.workdir is None else str(config.workdir))
 
 
-def _run_worker(spec: WorkerSpec, env: dict[str, str], log_path: Path, timeout_s: float) -> tuple[int, str]:
-    """Run one worker; (exit code, one-line reason when it failed)."""
+def _run_worker(spec: WorkerSpec, env: dict[str, str], log_path: Path, timeout_s: float,
+                module: str = "bench.worker") -> tuple[int, str]:
+    """Run one worker (`python -m module SPEC.json`); (exit code, one-line reason when it failed)."""
     # The worker builds under a dir we own, so that a killed worker leaves no index behind.
     scratch = Path(tempfile.mkdtemp(prefix=f"bench-{spec.algo}-", dir=spec.workdir))
     spec = replace(spec, workdir=str(scratch))
@@ -155,7 +158,7 @@ def _run_worker(spec: WorkerSpec, env: dict[str, str], log_path: Path, timeout_s
             log.write(f"\n===== {spec.algo} {time.strftime('%Y-%m-%d %H:%M:%S')} =====\n")
             log.flush()
             offset = log.tell()
-            proc = subprocess.Popen([sys.executable, "-m", "bench.worker", spec_path], stdout=log,
+            proc = subprocess.Popen([sys.executable, "-m", module, spec_path], stdout=log,
                                     stderr=subprocess.STDOUT, env=env, cwd=str(_PROJECT_ROOT))
             try:
                 rc = proc.wait(timeout=timeout_s)

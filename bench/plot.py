@@ -1,7 +1,9 @@
-"""Recall-vs-QPS plot and the Pareto table of a results file.
+"""Recall-vs-QPS plot and the Pareto table of a results file; QPS-vs-tenant-size for tenant runs.
 
 The plot follows ann-benchmarks: per algo, the points no other point of that algo beats
-on both recall and QPS, joined by a line, on a log QPS axis.
+on both recall and QPS, joined by a line, on a log QPS axis. Tenant runs (lines with
+`tenant_fraction`) are drawn per tenant-size bucket instead: each algo's fastest point at
+recall@10 >= 0.9 in each bucket.
 """
 
 from __future__ import annotations
@@ -139,3 +141,98 @@ def pareto_markdown(rows: list[dict[str, Any]]) -> str:
                        f"{_num(r['qps_single'])} | {_num(r['p50_ms'], '{:.3f}')} | {_num(r['p99_ms'], '{:.3f}')} | "
                        f"{_mb(r['ram_bytes'])} | {_mb(r['disk_bytes'])} | {_num(r['build_s'], '{:,.1f}')} |")
     return "\n".join(out) + "\n\n" + summary_markdown(rows)
+
+
+#: The recall a tenant run's per-bucket QPS is read at (the issue's "equal recall").
+TENANT_RECALL = 0.90
+
+
+def tenant_table(rows: Iterable[dict[str, Any]], qps_key: str = "qps_batch",
+                 recall: float = TENANT_RECALL) -> dict[str, dict[tuple[float, float], dict[str, dict[str, Any]]]]:
+    """dataset -> (lo, hi) bucket -> algo -> its fastest line reaching `recall` (algos that
+    never reach it in a bucket are left out of it)."""
+    out: dict[str, dict[tuple[float, float], dict[str, dict[str, Any]]]] = {}
+    for r in measured(rows):
+        if "tenant_fraction" not in r:
+            continue
+        cell = out.setdefault(r["dataset"], {}).setdefault(tuple(r["tenant_fraction"]), {})
+        best = cell.get(r["algo"])
+        if r["recall_at_10"] >= recall and r.get(qps_key) and (best is None or r[qps_key] > best[qps_key]):
+            cell[r["algo"]] = r
+    return out
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:g}%"
+
+
+def plot_tenant_qps(rows: list[dict[str, Any]], path: Path, qps_key: str = "qps_batch",
+                    recall: float = TENANT_RECALL) -> Path:
+    """A PNG per results file: one panel per dataset, QPS at recall >= `recall` (log y) per
+    tenant-size bucket (x, smallest tenants left), one line per algo."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from bench.algos import OUR_KINDS
+
+    table = tenant_table(rows, qps_key, recall)
+    names = sorted(table)
+    fig, axes = plt.subplots(1, max(1, len(names)), figsize=(6.5 * max(1, len(names)), 5.5), dpi=120,
+                             squeeze=False)
+    algos = sorted({a for d in table.values() for cell in d.values() for a in cell})
+    for ax, name in zip(axes[0], names):
+        buckets = sorted(table[name])
+        for i, algo in enumerate(algos):
+            xs = [j for j, b in enumerate(buckets) if algo in table[name][b]]
+            ys = [table[name][buckets[j]][algo][qps_key] for j in xs]
+            ours = algo in OUR_KINDS
+            ax.plot(xs, ys, marker="osD^v<>"[i % 7], linewidth=2.6 if ours else 1.5,
+                    color="black" if ours else None, label=f"{algo} (ours)" if ours else algo)
+        ax.set_xticks(range(len(buckets)), [f"{_pct(lo)}-{_pct(hi)}" for lo, hi in buckets])
+        ax.set_xlabel("tenant size (share of the base it sees)")
+        ax.set_yscale("log")
+        ax.set_ylabel(f"QPS at recall@10 >= {recall} ({qps_key}, log)")
+        ax.set_title(name)
+        ax.grid(True, which="both", linewidth=0.3, alpha=0.5)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def tenant_markdown(rows: list[dict[str, Any]], qps_key: str = "qps_batch", recall: float = TENANT_RECALL) -> str:
+    """Per dataset and tenant-size bucket: each algo's QPS at recall >= `recall` (with the
+    setting), curator's ratios to per-tenant-ivf and shared-ivf-filter, then RAM per algo."""
+    table = tenant_table(rows, qps_key, recall)
+    algos = sorted({a for d in table.values() for cell in d.values() for a in cell})
+    head = "| dataset | tenant size | " + " | ".join(algos) + " | curator / per-tenant | curator / shared filter |"
+    lines = [f"QPS ({qps_key}) at recall@10 >= {recall}; setting and recall below each", "", head,
+             "|" + "---|" * (head.count("|") - 1)]
+    for name in sorted(table):
+        for (lo, hi), cell in sorted(table[name].items()):
+            cells = [name, f"{_pct(lo)}-{_pct(hi)}"]
+            for a in algos:
+                r = cell.get(a)
+                cells.append(f"{r[qps_key]:,.0f} ({_params({k: v for k, v in r['params'].items()})}, "
+                             f"{r['recall_at_10']:.3f})" if r else "not reached")
+            for peer in ("per-tenant-ivf", "shared-ivf-filter"):
+                c, p = cell.get("curator"), cell.get(peer)
+                cells.append(f"{c[qps_key] / p[qps_key]:.2f}x" if c and p else "-")
+            lines.append("| " + " | ".join(cells) + " |")
+    ram: dict[tuple[str, str], int] = {}
+    for r in measured(rows):
+        if "tenant_fraction" in r:
+            key = (r["dataset"], r["algo"])
+            ram[key] = max(ram.get(key, 0), r.get("ram_bytes") or 0)
+    lines += ["", "| dataset | algo | RAM MB | RAM / shared-ivf-filter |", "|---|---|---|---|"]
+    for (name, algo), b in sorted(ram.items()):
+        shared = ram.get((name, "shared-ivf-filter"))
+        lines.append(f"| {name} | {algo} | {_mb(b)} | {f'{b / shared:.2f}x' if shared else '-'} |")
+    skipped = sorted({f"{r['algo']}: {r['skipped']}" for r in rows if r.get("skipped")})
+    lines += [f"skipped {s}" for s in skipped]
+    return "\n".join(lines)

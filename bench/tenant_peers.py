@@ -7,6 +7,9 @@
   memory stays that of the shared index.
 - hnswlib-filter: one hnswlib graph; the search filter is a per-call boolean mask of the
   tenant's rows.
+- milvus-lite-filter: one Milvus Lite collection with an ARRAY<INT64> `tenants` field; a
+  search carries the filter expression `array_contains_any(tenants, [t, -1])` (-1: public),
+  which Milvus Lite evaluates into a row mask handed to its index, as a Milvus application would.
 
 Public base vectors (no tenant) are visible to every tenant: the per-tenant peer keeps
 them in one more index whose results are merged; the filtering peers add them to the mask.
@@ -22,6 +25,7 @@ import numpy as np
 
 from bench.adapter import Adapter, pad_ids, require
 from bench.peers import _faiss
+from bench.peers_db import _INSERT_BATCH, MilvusLite
 
 TENANTS_FILE = "tenants.npz"
 #: Key of the public vectors' group in the per-tenant files.
@@ -265,4 +269,57 @@ class HnswlibFilter(_FilteredShared):
         return [self.workdir / self.file_name, self.workdir / TENANTS_FILE]
 
 
-TENANT_PEERS: tuple[type[Adapter], ...] = (PerTenantIVF, SharedIVFFilter, HnswlibFilter)
+class MilvusLiteFilter(MilvusLite):
+    """Milvus Lite with tenants as an array field and a filter expression per search."""
+
+    name = "milvus-lite-filter"
+    supports_tenants = True
+    codes_file = "tenant_codes.json"
+    #: Code of "visible to every tenant" in the tenants array.
+    PUBLIC_CODE = -1
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._codes: dict[str, int] = {}
+
+    def build(self, base: np.ndarray, params: dict[str, Any], tenants: list[list[str]] | None = None) -> None:
+        ml, db = self._open_db()
+        names = sorted({t for ts in tenants or [] for t in ts})
+        codes = {name: i for i, name in enumerate(names)}
+        width = max([len(ts) for ts in tenants or []] + [1])
+        try:
+            schema = ml.CollectionSchema(fields=[
+                ml.FieldSchema(name="id", dtype=ml.DataType.INT64, is_primary=True),
+                ml.FieldSchema(name="vec", dtype=ml.DataType.FLOAT_VECTOR, dim=self.dim),
+                ml.FieldSchema(name="tenants", dtype=ml.DataType.ARRAY, element_type=ml.DataType.INT64,
+                               max_capacity=width)])
+            col = db.create_collection(self.collection, schema)
+            for start in range(0, len(base), _INSERT_BATCH):
+                chunk = base[start:start + _INSERT_BATCH].tolist()  # it validates lists, not arrays
+                col.insert([{"id": start + i, "vec": v,
+                             "tenants": [codes[t] for t in tenants[start + i]] or [self.PUBLIC_CODE]
+                             if tenants is not None else [self.PUBLIC_CODE]} for i, v in enumerate(chunk)])
+            col.flush()
+            index_type = str(params.get("index_type", "IVF_FLAT")).upper()
+            build = {k: int(params[k]) for k in ("nlist", "M", "efConstruction") if k in params}
+            col.create_index("vec", {"index_type": index_type, "metric_type": "IP" if self.metric == "ip" else "L2",
+                                     "params": build})
+            col.load()
+        finally:
+            db.close()
+        (self.workdir / self.codes_file).write_text(json.dumps(codes))
+
+    def load(self, params: dict[str, Any]) -> None:
+        super().load(params)
+        self._codes = json.loads((self.workdir / self.codes_file).read_text())
+
+    def search(self, queries: np.ndarray, k: int, params: dict[str, Any], tenant: str | None = None) -> np.ndarray:
+        sp = {key: int(params[key]) for key in ("nprobe", "ef") if key in params}
+        code = self._codes.get(tenant) if tenant is not None else None
+        expr = (f"array_contains(tenants, {self.PUBLIC_CODE})" if code is None
+                else f"array_contains_any(tenants, [{code}, {self.PUBLIC_CODE}])")
+        hits = self._col.search(queries.tolist(), top_k=k, search_params=sp, expr=expr, output_fields=[])
+        return pad_ids([[h["id"] for h in row] for row in hits], k)
+
+
+TENANT_PEERS: tuple[type[Adapter], ...] = (PerTenantIVF, SharedIVFFilter, HnswlibFilter, MilvusLiteFilter)

@@ -43,6 +43,7 @@ class ClusterTree:
                 self.ancestors[node] = self.ancestors[p]
             self.ancestors[node, self.depth[node]] = node
         self.is_leaf = self.n_children == 0
+        self.sq_norms = np.einsum("ij,ij->i", self.centroids, self.centroids)
         self.paths = [tuple(self.ancestors[n, :self.depth[n] + 1].tolist()) for n in range(n)]
 
     @property
@@ -56,7 +57,7 @@ class ClusterTree:
     @property
     def nbytes(self) -> int:
         arrays = (self.centroids, self.parent, self.first_child, self.n_children, self.depth, self.ancestors,
-                  self.is_leaf)
+                  self.is_leaf, self.sq_norms)
         return sum(a.nbytes for a in arrays)
 
     def arrays(self) -> dict[str, np.ndarray]:
@@ -101,6 +102,15 @@ class ClusterTree:
                 n_children.append(0)
         return cls(np.ascontiguousarray(np.stack(centroids), np.float32), *(
             np.asarray(a, np.int32) for a in (parent, first_child, n_children, depth)))
+
+    def distances(self, queries: np.ndarray) -> np.ndarray:
+        """(Q, nodes) squared L2 distances from each query to every node's centroid: one
+        product, cheaper than walking level by level for trees of a few thousand nodes."""
+        d = queries @ self.centroids.T
+        d *= -2.0
+        d += self.sq_norms[None, :]
+        d += np.einsum("ij,ij->i", queries, queries)[:, None]
+        return np.maximum(d, 0.0, out=d)
 
     def children(self, nodes: np.ndarray) -> np.ndarray:
         """The children of `nodes`, concatenated (leaves contribute none)."""

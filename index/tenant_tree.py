@@ -22,7 +22,6 @@ import numpy as np
 
 from index.bloom import NodeBloomFilters
 from index.cluster_tree import ClusterTree
-from index.kmeans import squared_distances
 
 #: Filters are rebuilt once this many (node, tenant) entries have gone, and a quarter of all.
 BLOOM_REFRESH_MIN = 64
@@ -33,56 +32,76 @@ INNER_OVERHEAD = 90
 ARRAY_OVERHEAD = 112
 
 
+#: Shared by every root-list view (never written).
+_ZERO = np.zeros(1, np.int64)
+_ZERO.flags.writeable = False
+
+
 @dataclass
 class Buckets:
-    """One tenant's shortlists flattened for search: what its walk found, cached until it changes."""
+    """One tenant's shortlists flattened for search: what its walk found, cached until it changes.
 
-    nodes: np.ndarray  # (B,) bucket nodes, level by level (the order the walk finds them)
+    Search ranks buckets by the distance from the query to their own node's centroid (as IVF
+    ranks its lists): a faiss heap over `nodes` for one tenant, or a product with every node
+    of the tree for joined views and pruning. A bucket's rows lie together in `rows`.
+    """
+
+    nodes: np.ndarray  # (B,) int64 bucket nodes ascending, so level by level (numbered breadth-first)
     sizes: np.ndarray  # (B,) int64
+    starts: np.ndarray  # (B,) int64, where each bucket's rows begin in `rows`
     rows: np.ndarray  # int32, the buckets' rows one after the other
-    path_nodes: np.ndarray  # distinct non-root nodes on the buckets' paths
-    path_index: np.ndarray  # (B, levels - 1) into path_nodes; len(path_nodes) where the path ends
-    own_index: np.ndarray  # (B,) the bucket node's place in path_nodes; len(path_nodes) at the root
     levels: np.ndarray  # where each tree level's buckets start
+    #: One tenant's (nodes unique and ascending), not several joined.
+    single: bool = True
 
     @classmethod
     def build(cls, tree: ClusterTree, nodes: list[int], lists: list[array]) -> "Buckets":
         nodes_arr = np.asarray(nodes, np.int64)
+        order = np.argsort(nodes_arr, kind="stable")  # ascending (searches rely on it), so level by level
+        nodes_arr = nodes_arr[order]
+        lists = [lists[i] for i in order.tolist()]
+        sizes = np.asarray([len(a) for a in lists], np.int64)
         rows = np.concatenate([np.frombuffer(a, np.int32) for a in lists])
-        anc = tree.ancestors[nodes_arr, 1:]
-        on_path = anc >= 0
-        path_nodes, inverse = np.unique(anc[on_path], return_inverse=True)
-        index = np.full(anc.shape, len(path_nodes), np.int32)
-        index[on_path] = inverse
         depth = tree.depth[nodes_arr]
-        own = index[np.arange(len(nodes_arr)), np.maximum(depth - 1, 0)] if index.shape[1] else \
-            np.zeros(len(nodes_arr), np.int32)
-        own[depth == 0] = len(path_nodes)
-        return cls(nodes_arr, np.asarray([len(a) for a in lists], np.int64), rows, path_nodes, index, own,
-                   np.flatnonzero(np.diff(depth, prepend=-1)))
+        return cls(nodes_arr, sizes, np.cumsum(sizes) - sizes, rows, np.flatnonzero(np.diff(depth, prepend=-1)))
 
     @classmethod
-    def at_root(cls, tree: ClusterTree, rows: array) -> "Buckets":
+    def at_root(cls, rows: array) -> "Buckets":
         """A tenant whose vectors all sit in one list at the root: nothing to walk."""
-        zero = np.zeros(1, np.int32)
-        return cls(zero.astype(np.int64), np.array([len(rows)], np.int64),
-                   np.frombuffer(rows, np.int32).copy(), np.zeros(0, np.int64),
-                   np.zeros((1, tree.levels - 1), np.int32), zero, zero)
+        return cls(_ZERO, np.array([len(rows)], np.int64), _ZERO, np.frombuffer(rows, np.int32).astype(np.int64),
+                   _ZERO)
+
+    @classmethod
+    def join(cls, parts: list["Buckets"]) -> "Buckets":
+        """Several tenants' buckets as one (the public ones and the caller's)."""
+        sizes = np.concatenate([p.sizes for p in parts])
+        offsets = np.cumsum([0] + [len(p.sizes) for p in parts[:-1]])
+        return cls(np.concatenate([p.nodes for p in parts]), sizes, np.cumsum(sizes) - sizes,
+                   np.concatenate([p.rows for p in parts]),
+                   np.concatenate([p.levels + o for p, o in zip(parts, offsets)]), single=False)
 
     @property
     def nbytes(self) -> int:
-        arrays = (self.nodes, self.sizes, self.rows, self.path_nodes, self.path_index, self.own_index,
-                  self.levels)
+        arrays = (self.nodes, self.sizes, self.starts, self.rows, self.levels)
         return sum(a.nbytes + ARRAY_OVERHEAD for a in arrays)
 
-    def distances(self, queries: np.ndarray, tree: ClusterTree) -> tuple[np.ndarray, np.ndarray]:
-        """(Q, B) squared distances of each bucket: its path-max (the largest query-to-centroid
-        distance on its path from the root: the order a best-first walk pops buckets in) and
-        its own centroid's (0 for a list at the root)."""
-        d = squared_distances(queries, tree.centroids[self.path_nodes])
-        d = np.hstack([d, np.zeros((len(queries), 1), d.dtype)])  # path padding: distances are >= 0
-        walk = d[:, self.path_index].max(axis=2) if self.path_index.shape[1] else d[:, self.own_index]
-        return walk, d[:, self.own_index]
+    def distances(self, node_distances: np.ndarray) -> np.ndarray:
+        """(Q, B) squared distances of each bucket's node from the queries, given theirs to
+        every node; 0 for a list at the root (a few vectors anywhere: always scanned first)."""
+        d = node_distances[:, self.nodes]
+        if not self.single or self.nodes[0] == 0:  # one tenant's nodes ascend: its root list is first
+            d[:, self.nodes == 0] = 0.0
+        return d
+
+    def rows_of(self, chosen: np.ndarray) -> np.ndarray:
+        """The rows of buckets `chosen`, one bucket after the other."""
+        n = self.sizes[chosen]
+        if len(n) == 1:
+            s = int(self.starts[chosen[0]])
+            return self.rows[s:s + int(n[0])]
+        ends = np.cumsum(n)
+        pos = np.repeat(self.starts[chosen] - (ends - n), n) + np.arange(int(ends[-1]))
+        return self.rows[pos]
 
 
 class TenantTrees:
@@ -224,7 +243,7 @@ class TenantTrees:
         filter holds the key, and collect its shortlists (cached until the tenant changes)."""
         root = self.lists[0].get(key)
         if root is not None:  # a small tenant, in one list at the root: cheaper to copy than to cache
-            return Buckets.at_root(self.tree, root)
+            return Buckets.at_root(root)
         if key in self._cache:
             self._cache.move_to_end(key)  # least recently used first
             return self._cache[key]

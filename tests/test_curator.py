@@ -118,6 +118,36 @@ def test_recall_per_tenant_against_exact_filtered_search(built, data, tenant):
     np.testing.assert_allclose(found.scores, flat.search(q, 10, tenant=tenant).scores, rtol=1e-4, atol=1e-3)
 
 
+@pytest.mark.parametrize("tenant", ["t0", "t3", "t11", None])
+def test_one_query_at_a_time_matches_the_batch_and_stays_visible(built, data, tenant):
+    """Single queries take the heap path over the tenant's own nodes, batches `select_buckets`;
+    at a budget that cuts the walk short both must pick the same buckets (the tenants here
+    also see the public vectors, so their views join two sub-trees)."""
+    index, _ = built
+    ids, _, q, names = data
+    small = SearchParams(candidate_budget=64)
+    batch = index.search(q, 10, tenant=tenant, params=small).ids
+    for i in range(len(q)):
+        one = index.search(q[i:i + 1], 10, tenant=tenant, params=small).ids[0]
+        assert set(one[one >= 0].tolist()) == set(batch[i][batch[i] >= 0].tolist())
+    assert set(batch[batch >= 0].tolist()) <= visible_ids(ids, names, tenant)
+
+
+def test_single_tenant_heap_path_without_public_vectors(data):
+    ids, x, q, names = data
+    private = [ns or ["t0"] for ns in names]  # no public vectors: a tenant's view is its own sub-tree
+    index = build(ids, x, private)
+    flat = exact_index(ids, x, private)
+    for tenant in ("t0", "t5"):
+        truth = flat.search(q, 10, tenant=tenant).ids
+        for budget, floor in ((256, 0.6), (10**9, 1.0)):
+            params = SearchParams(candidate_budget=budget)
+            got = np.vstack([index.search(q[i:i + 1], 10, tenant=tenant, params=params).ids for i in range(len(q))])
+            assert set(got[got >= 0].tolist()) <= visible_ids(ids, private, tenant)
+            assert recall(got, truth) >= floor, (tenant, budget)
+            np.testing.assert_array_equal(got, index.search(q, 10, tenant=tenant, params=params).ids)
+
+
 def test_structure_has_split_tenants_and_exact_lists(built, data):
     index, _ = built
     ids, x, _, names = data
