@@ -3,24 +3,31 @@
 1. Split. Among articles of at least `min_words` words, `eval_docs` are held out: their
    first `lead_words` words (with the title) stay in the corpus as the *neighbour*, the rest
    is the held-out text. Everything else is training text.
-2. Train (once, cached under OUT/models) a tokenizer, a target LM and a smaller drafter LM
-   on the training text only (rag.train_tiny).
-3. Build (once, cached under OUT/ds) a datastore of the training text (datastore.build).
+2. Build (once, cached under OUT/ds-c<chunk_words>) a datastore of the training text
+   (datastore.build), `chunk_words` words per passage: with chunk_words = lead_words a
+   held-out article's lead is exactly one passage.
+3. Train (once, cached under OUT/models-...) a tokenizer, a target LM and a smaller drafter
+   LM on the training text only. `--training augmented` (default): on retrieval-augmented
+   windows (rag.ra_train), laid out as evaluation lays them out, passages from the step-2
+   datastore, a window's own chunks excluded; every article longer than its lead also
+   gives a lead and a tail text, as held-out articles do. `--training plain`: packed text.
 4. Perplexity of the held-out texts, MassiveDS windows, with the target LM: without
    retrieval, with retrieval, with retrieval that may not see the neighbours (metadata
    filter `split=other`), and with the scored text itself in the prompt (how far the LM
-   uses its context at all: the ceiling of what retrieval can do for it).
+   uses its context at all: the ceiling of what retrieval can do for it); also the share
+   of windows whose passages hold their own article's lead.
 5. Speculative decoding at long context: a long input of corpus articles (>= `context_tokens`
    target tokens) and prompts that start one of its articles; target-only greedy decoding
    vs SpeculativeRAG (drafter fed by the long input's chunks through an ephemeral tenant),
    a fixed number of new tokens (EOS ignored), interleaved runs, medians.
 
-    python -m rag.bench_rag --out runs/rag            # trains ~9 min the first time
+    python -m rag.bench_rag --out runs/rag --skip-speculative   # trains the first time
 """
 
 from __future__ import annotations
 
 import json
+import os
 import random
 import statistics
 import sys
@@ -34,8 +41,9 @@ from rag.train_tiny import TinyLMConfig, train, train_tokenizer
 
 
 def split_corpus(docs: int | None, eval_docs: int, min_words: int, lead_words: int,
-                 seed: int) -> tuple[list[dict], list[str]]:
-    """(datastore/training records, held-out texts). Records are JSONL-ready dicts."""
+                 seed: int) -> tuple[list[dict], list[str], list[str]]:
+    """(datastore/training records, held-out texts, their articles' ids). Records are
+    JSONL-ready dicts."""
     from datastore.corpus import iter_default_corpus
 
     articles = [a for a in iter_default_corpus(docs) if a.text.strip()]
@@ -44,7 +52,7 @@ def split_corpus(docs: int | None, eval_docs: int, min_words: int, lead_words: i
         raise ValueError(f"eval_docs must be <= {len(long_ones)} (articles of >= {min_words} words), "
                          f"got {eval_docs}")
     held = set(random.Random(seed).sample(long_ones, eval_docs))
-    records, heldout = [], []
+    records, heldout, heldout_ids = [], [], []
     for i, a in enumerate(articles):
         text = a.text
         split = "other"
@@ -52,21 +60,69 @@ def split_corpus(docs: int | None, eval_docs: int, min_words: int, lead_words: i
             words = text.split()
             text, split = " ".join(words[:lead_words]), "neighbour"
             heldout.append(" ".join(words[lead_words:]))
+            heldout_ids.append(a.doc_id)
         records.append({"id": a.doc_id, "title": a.title, "text": text, "metadata": {"split": split}})
-    return records, heldout
+    return records, heldout, heldout_ids
 
 
-def _train_models(out: Path, texts: list[str], target_cfg: TinyLMConfig, drafter_cfg: TinyLMConfig,
-                  log) -> dict:
+def training_texts(records: list[dict], lead_words: int, chunk_words: int) -> list:
+    """The retrieval-augmented training texts, cut as the evaluation cuts held-out articles:
+    an article longer than `lead_words` words gives its lead (with the title) and its tail
+    (without, like a held-out text), each excluding only its own chunks from its neighbours,
+    so a tail learns to read its own lead out of the datastore as a held-out tail will."""
+    from rag.ra_train import TrainText
+
+    out = []
+    for r in records:
+        words = r["text"].split()
+        if len(words) <= lead_words:
+            out.append(TrainText(f"{r['title']}\n{r['text']}", r["id"]))
+            continue
+        lead_chunks = -(-lead_words // chunk_words)
+        out.append(TrainText(f"{r['title']}\n{' '.join(words[:lead_words])}", r["id"], range(lead_chunks)))
+        out.append(TrainText(" ".join(words[lead_words:]), r["id"], range(lead_words // chunk_words, 10**9)))
+    return out
+
+
+def _train_models(out: Path, texts: list[str], ra_texts: list, retriever, target_cfg: TinyLMConfig,
+                  drafter_cfg: TinyLMConfig, ra_cfg, cache: Path | None, copy_fraction: float, log,
+                  init: Path | None = None) -> dict:
+    """Train (or reuse) the target and the drafter. With a `cache` path both learn on
+    retrieval-augmented rows (rag.ra_train) built once from `ra_texts` and kept there."""
+    import torch
+
+    from rag.lm import bos_ids, encode
+    from rag.ra_train import build_examples, with_copies
+    from rag.train_tiny import train_examples
+
     tdir, ddir = out / "target", out / "drafter"
+    summaries = {}
     if not (tdir / "train_summary.json").exists() or not (ddir / "train_summary.json").exists():
         tokenizer = train_tokenizer(texts, target_cfg.vocab_size)
+        examples = None
+        augmented = cache is not None
+        if augmented:
+            if cache.exists():
+                examples = torch.load(cache)
+            else:
+                log("retrieving neighbours for the training windows")
+                built = build_examples(tokenizer, retriever, ra_texts, ra_cfg, log)
+                examples = {"rows": built.rows, "summary": built.summary()}
+                cache.parent.mkdir(parents=True, exist_ok=True)
+                torch.save(examples, cache)
+            summaries["examples"] = {**examples["summary"], "copy_fraction": copy_fraction}
+            rows = with_copies(examples["rows"], copy_fraction, encode(tokenizer, ra_cfg.separator),
+                               bos_ids(tokenizer), ra_cfg.context_tokens, ra_cfg.seed)
         for name, cfg, d in (("target", target_cfg, tdir), ("drafter", drafter_cfg, ddir)):
             if not (d / "train_summary.json").exists():
                 log(f"training the {name}")
-                train(texts, cfg, d, tokenizer=tokenizer, log=log)
-    return {name: json.loads((out / name / "train_summary.json").read_text())
-            for name in ("target", "drafter")}
+                if augmented:
+                    train_examples(rows, cfg, d, tokenizer, log=log, init=init if name == "target" else None)
+                else:
+                    train(texts, cfg, d, tokenizer=tokenizer, log=log)
+    for name in ("target", "drafter"):
+        summaries[name] = json.loads((out / name / "train_summary.json").read_text())
+    return summaries
 
 
 def _build_datastore(out: Path, records: list[dict], chunk_words: int) -> dict:
@@ -83,10 +139,12 @@ def _build_datastore(out: Path, records: list[dict], chunk_words: int) -> dict:
             "already_built": summary.already_built}
 
 
-def _perplexity(lm, retriever, heldout: list[str], window: int, stride: int) -> dict:
+def _perplexity(lm, retriever, heldout: list[str], heldout_ids: list[str], window: int, stride: int) -> dict:
     from rag.retriever import RetrieverConfig
 
-    out = {"without_retrieval": lm.perplexity(heldout, window, stride, retrieval=False).to_dict()}
+    out = {"windows_that_retrieve_their_own_lead": _own_lead_rate(lm, retriever, heldout, heldout_ids, window,
+                                                                  stride),
+           "without_retrieval": lm.perplexity(heldout, window, stride, retrieval=False).to_dict()}
     t = time.perf_counter()
     out["with_retrieval"] = lm.perplexity(heldout, window, stride, retrieval=True).to_dict()
     out["with_retrieval"]["seconds"] = round(time.perf_counter() - t, 1)
@@ -97,6 +155,25 @@ def _perplexity(lm, retriever, heldout: list[str], window: int, stride: int) -> 
     retriever.config = base
     out["with_the_scored_text_itself"] = _copy_check(lm, heldout, window, stride)
     return out
+
+
+def _own_lead_rate(lm, retriever, heldout: list[str], heldout_ids: list[str], window: int,
+                   stride: int) -> float:
+    """Share of evaluation windows whose k passages (after the filters) include the lead of
+    their own article: how often "the neighbour is in the datastore" reaches the prompt."""
+    from rag.lm import encode, perplexity_windows
+
+    queries, refs, owners = [], [], []
+    for text, doc in zip(heldout, heldout_ids):
+        ids = encode(lm.tokenizer, text)
+        for w in perplexity_windows(len(ids), window, stride):
+            queries.append(lm.tokenizer.decode(ids[w.begin:w.score_begin]))
+            refs.append(lm.tokenizer.decode(ids[w.score_begin:w.end]))
+            owners.append(doc)
+    rows = retriever.retrieve(queries, refs, k=lm.config.k)
+    found = sum(any(h.passage is not None and h.passage.metadata.get("doc_id") == doc for h in row)
+                for row, doc in zip(rows, owners))
+    return round(found / max(1, len(rows)), 3)
 
 
 def _copy_check(lm, heldout: list[str], window: int, stride: int) -> dict:
@@ -176,9 +253,25 @@ def _speculative(target_dir: Path, drafter_dir: Path, retriever, records: list[d
 @click.option("--min-words", default=110, show_default=True)
 @click.option("--lead-words", default=40, show_default=True,
               help="Words of a held-out article kept as its neighbour.")
-@click.option("--chunk-words", default=64, show_default=True)
+@click.option("--chunk-words", default=40, show_default=True,
+              help="Words per datastore passage (= lead words: a lead is one passage).")
+@click.option("--training", type=click.Choice(["augmented", "plain"]), default="augmented", show_default=True,
+              help="Train on retrieval-augmented windows (rag.ra_train) or on plain packed text.")
+@click.option("--no-retrieval-fraction", default=0.25, show_default=True,
+              help="Augmented training: windows trained without passages.")
+@click.option("--copy-fraction", default=0.5, show_default=True,
+              help="Augmented training: windows with passages that also get a span of themselves "
+                   "(rag.ra_train.with_copies, a copying curriculum; never at evaluation).")
+@click.option("--target-layers", default=4, show_default=True)
+@click.option("--target-hidden", default=256, show_default=True)
 @click.option("--target-minutes", default=5.0, show_default=True)
+@click.option("--target-steps", type=int, default=None, help="Exact steps instead of --target-minutes.")
 @click.option("--drafter-minutes", default=2.0, show_default=True)
+@click.option("--drafter-steps", type=int, default=None, help="Exact steps instead of --drafter-minutes.")
+@click.option("--batch-size", default=16, show_default=True)
+@click.option("--init", type=click.Path(path_type=Path), default=None,
+              help="Augmented training: continue the target from this saved model (an earlier stage).")
+@click.option("--lr", default=2e-3, show_default=True)
 @click.option("--window", default=128, show_default=True)
 @click.option("--stride", default=64, show_default=True)
 @click.option("-k", "k", default=3, show_default=True)
@@ -194,13 +287,15 @@ def _speculative(target_dir: Path, drafter_dir: Path, retriever, records: list[d
 @click.option("--threads", default=1, show_default=True,
               help="torch threads (1 beats 2 for these tiny models, and is steadier on a shared machine).")
 @click.option("--seed", default=0, show_default=True)
-def main(out, docs, eval_docs, min_words, lead_words, chunk_words, target_minutes, drafter_minutes, window,
-         stride, k, context_budget, context_tokens, prompts, new_tokens, gamma, eta, repeats,
-         skip_perplexity, skip_speculative, threads, seed) -> None:
+def main(out, docs, eval_docs, min_words, lead_words, chunk_words, training, no_retrieval_fraction, copy_fraction,
+         target_layers, target_hidden, target_minutes, target_steps, drafter_minutes, drafter_steps, batch_size, init, lr, window, stride, k, context_budget,
+         context_tokens, prompts, new_tokens, gamma, eta, repeats, skip_perplexity, skip_speculative, threads,
+         seed) -> None:
     """Perplexity with vs without retrieval and SpeculativeRAG speed at long context."""
     import torch
 
     from rag.lm import RALMConfig, RetrievalAugmentedLM, load_causal_lm
+    from rag.ra_train import RATrainConfig
     from rag.retriever import Retriever, RetrieverConfig
 
     torch.set_num_threads(threads)
@@ -209,37 +304,51 @@ def main(out, docs, eval_docs, min_words, lead_words, chunk_words, target_minute
         click.echo(f"[{time.strftime('%H:%M:%S')}] {msg}", err=True)
 
     t0 = time.perf_counter()
-    records, heldout = split_corpus(docs, eval_docs, min_words, lead_words, seed)
+    records, heldout, heldout_ids = split_corpus(docs, eval_docs, min_words, lead_words, seed)
     texts = [f"{r['title']}\n{r['text']}" for r in records]
-    target_cfg = TinyLMConfig(layers=4, hidden=256, heads=4, minutes=target_minutes, seed=seed)
-    drafter_cfg = TinyLMConfig(layers=2, hidden=128, heads=2, minutes=drafter_minutes, seed=seed)
-    models = _train_models(out / "models", texts, target_cfg, drafter_cfg, log)
+    target_cfg = TinyLMConfig(layers=target_layers, hidden=target_hidden, heads=4, minutes=target_minutes,
+                              steps=target_steps, batch_size=batch_size, lr=lr, seed=seed)
+    drafter_cfg = TinyLMConfig(layers=2, hidden=128, heads=2, minutes=drafter_minutes, steps=drafter_steps,
+                               batch_size=batch_size, lr=lr, seed=seed)
+    ra_cfg = RATrainConfig(window=window, k=k, context_tokens=context_budget,
+                           no_retrieval_fraction=no_retrieval_fraction, seed=seed)
     log("building the datastore")
-    ds = _build_datastore(out / "ds", records, chunk_words)
-    report: dict = {"split": {"docs": len(records), "heldout_texts": len(heldout), "lead_words": lead_words},
-                    "models": {n: {key: m[key] for key in ("parameters", "steps", "tokens", "seconds",
-                                                            "final_loss")}
-                               for n, m in models.items()},
-                    "datastore": ds}
-    with Retriever(out / "ds", RetrieverConfig(k=k)) as retriever:
+    ds_dir = out / f"ds-c{chunk_words}"
+    ds = _build_datastore(ds_dir, records, chunk_words)
+    models_dir = out / (f"models-{training}-c{chunk_words}-{target_layers}x{target_hidden}"
+                        + (f"-copy{copy_fraction:g}" if training == "augmented" else "")
+                        + (f"-from-{init.parent.name}" if init else ""))
+    # the training rows depend on the split, the datastore and their layout, not on the model
+    cache = (out / f"ra-examples-d{docs}-c{chunk_words}-w{window}-k{k}-b{context_budget}"
+                   f"-f{no_retrieval_fraction:g}-s{seed}.pt") if training == "augmented" else None
+    with Retriever(ds_dir, RetrieverConfig(k=k)) as retriever:
+        models = _train_models(models_dir, texts, training_texts(records, lead_words, chunk_words), retriever,
+                               target_cfg, drafter_cfg, ra_cfg, cache, copy_fraction, log, init)
+        report: dict = {"split": {"docs": len(records), "heldout_texts": len(heldout), "lead_words": lead_words,
+                                  "chunk_words": chunk_words},
+                        "training": training, "models_dir": str(models_dir),
+                        "models": {n: {key: m[key] for key in ("parameters", "steps", "tokens", "seconds",
+                                                                "final_loss")}
+                                   for n, m in models.items() if n != "examples"},
+                        "training_examples": models.get("examples"), "datastore": ds}
         if not skip_perplexity:
             log("perplexity")
-            model, tokenizer = load_causal_lm(out / "models" / "target")
+            model, tokenizer = load_causal_lm(models_dir / "target")
             lm = RetrievalAugmentedLM(model, tokenizer, retriever,
                                       RALMConfig(k=k, max_context_tokens=context_budget))
             report["perplexity"] = {"window": window, "stride": stride, "k": k,
                                     "context_budget": context_budget,
-                                    **_perplexity(lm, retriever, heldout, window, stride)}
+                                    **_perplexity(lm, retriever, heldout, heldout_ids, window, stride)}
         if not skip_speculative:
             log("speculative decoding")
-            models_dir = out / "models"
             report["speculative"] = _speculative(models_dir / "target", models_dir / "drafter", retriever,
                                                  records, context_tokens, prompts, new_tokens, gamma, eta,
                                                  repeats)
     report["threads"] = threads
+    report["load_average"] = [round(x, 2) for x in os.getloadavg()]
     report["seconds"] = round(time.perf_counter() - t0, 1)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"report-{context_tokens}.json").write_text(json.dumps(report, indent=1))
+    (out / f"report-{training}-{context_tokens}.json").write_text(json.dumps(report, indent=1))
     click.echo(json.dumps(report))
 
 

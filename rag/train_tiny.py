@@ -10,6 +10,9 @@ a run that repeats exactly. The result is a `save_pretrained` directory that
 `rag.lm.load_causal_lm` (and any transformers user) reads.
 
     python -m rag.train_tiny --out runs/rag/tiny-lm --docs 2000 --minutes 3
+
+`train_examples` trains on prepared rows instead, e.g. the retrieval-augmented windows of
+`rag.ra_train` (see rag/README.md and `python -m rag.bench_rag`).
 """
 
 from __future__ import annotations
@@ -117,32 +120,80 @@ def train(texts: Sequence[str], cfg: TinyLMConfig, out: Path, tokenizer=None,
     t_start = time.perf_counter()
     tokenizer = tokenizer or train_tokenizer(texts, cfg.vocab_size)
     data = pack(tokenizer, texts, cfg.seq_len)
-    model = build_model(cfg, len(tokenizer), tokenizer.eos_token_id)
+    log(f"{data.numel():,} tokens in {len(data)} rows")
+    return _fit(lambda idx: (data[idx], data[idx], None), len(data), cfg, out, tokenizer, log, t_start)
+
+
+def pad_examples(examples: Sequence[tuple[Sequence[int], Sequence[int]]],
+                 pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input_ids, labels, attention_mask) of variable-length (ids, labels) rows, right-padded;
+    labels are -100 where nothing is learnt (retrieved context, padding)."""
+    width = max(len(ids) for ids, _ in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, (i, lab) in enumerate(examples):
+        if len(i) != len(lab):
+            raise ValueError(f"example {row}: {len(i)} ids but {len(lab)} labels")
+        ids[row, :len(i)] = torch.tensor(i)
+        labels[row, :len(lab)] = torch.tensor(lab)
+        mask[row, :len(i)] = 1
+    return ids, labels, mask
+
+
+def train_examples(examples: Sequence[tuple[Sequence[int], Sequence[int]]], cfg: TinyLMConfig, out: Path,
+                   tokenizer, log: Callable[[str], None] = print, init: Path | None = None) -> TrainSummary:
+    """Train on prepared (ids, labels) rows of any length up to a few hundred tokens, e.g.
+    retrieval-augmented windows (rag.ra_train) whose prepended passages carry no loss.
+    `init`: continue from the model saved there (a curriculum's earlier stage) instead of
+    a fresh one; `cfg`'s shape is then ignored."""
+    t_start = time.perf_counter()
+    if not examples:
+        raise ValueError("examples must not be empty")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    log(f"{sum(len(i) for i, _ in examples):,} tokens in {len(examples)} examples")
+
+    def batch(idx: torch.Tensor):
+        return pad_examples([examples[int(i)] for i in idx], pad)
+
+    return _fit(batch, len(examples), cfg, out, tokenizer, log, t_start, init)
+
+
+def _fit(get_batch: Callable[[torch.Tensor], tuple], rows: int, cfg: TinyLMConfig, out: Path, tokenizer,
+         log: Callable[[str], None], t_start: float, init: Path | None = None) -> TrainSummary:
+    """The training loop: AdamW, warmup then cosine decay, shuffled epochs over `rows` rows."""
+    if init is not None:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(init, local_files_only=True)
+    else:
+        model = build_model(cfg, len(tokenizer), tokenizer.eos_token_id)
     params = sum(p.numel() for p in model.parameters())
-    log(f"{params / 1e6:.1f}M parameters, {data.numel():,} tokens in {len(data)} rows")
+    log(f"{params / 1e6:.1f}M parameters")
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.1)
     gen = torch.Generator().manual_seed(cfg.seed)
-    order = torch.randperm(len(data), generator=gen)
+    order = torch.randperm(rows, generator=gen)
     total = cfg.steps or 10**9
-    step, cursor, first, loss_ema = 0, 0, float("nan"), float("nan")
+    step, cursor, first, loss_ema, tokens = 0, 0, float("nan"), float("nan"), 0
     model.train()
     t_train = time.perf_counter()
     while step < total:
         if cursor + cfg.batch_size > len(order):
-            order, cursor = torch.randperm(len(data), generator=gen), 0
-        batch = data[order[cursor:cursor + cfg.batch_size]]
+            order, cursor = torch.randperm(rows, generator=gen), 0
+        input_ids, labels, mask = get_batch(order[cursor:cursor + cfg.batch_size])
         cursor += cfg.batch_size
         scale = min(1.0, (step + 1) / max(1, cfg.warmup_steps))
         if cfg.steps is not None or step >= 3:
             scale *= 0.5 * (1 + math.cos(math.pi * min(1.0, step / total)))
         for group in opt.param_groups:
             group["lr"] = cfg.lr * scale
-        loss = _loss(model, batch)
+        loss = _loss(model, input_ids, labels, mask)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         step += 1
+        tokens += int(input_ids.numel() if mask is None else mask.sum())
         value = loss.item()
         first = value if step == 1 else first
         loss_ema = value if step == 1 else 0.9 * loss_ema + 0.1 * value
@@ -160,15 +211,22 @@ def train(texts: Sequence[str], cfg: TinyLMConfig, out: Path, tokenizer=None,
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    summary = TrainSummary(step, step * cfg.batch_size * cfg.seq_len, time.perf_counter() - t_start, first,
-                           loss_ema, params, str(out))
+    summary = TrainSummary(step, tokens, time.perf_counter() - t_start, first, loss_ema, params, str(out))
     (out / "train_summary.json").write_text(json.dumps({"config": asdict(cfg), **asdict(summary)}, indent=1))
     return summary
 
 
-def _loss(model, batch: torch.Tensor) -> torch.Tensor:
-    logits = model(input_ids=batch[:, :-1]).logits
-    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+def _loss(model, input_ids: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean next-token cross-entropy over the labelled positions (labels[t + 1] given ids[: t + 1]).
+
+    The output layer runs only where a label is: with retrieved passages carrying no loss,
+    that skips most of the largest matrix product of a tiny model (vocab x hidden per token)."""
+    hidden = model.base_model(input_ids=input_ids[:, :-1],
+                              attention_mask=None if mask is None else mask[:, :-1]).last_hidden_state
+    target = labels[:, 1:]
+    keep = target != -100
+    logits = model.get_output_embeddings()(hidden[keep])
+    return torch.nn.functional.cross_entropy(logits, target[keep])
 
 
 def corpus_texts(docs: int | None) -> list[str]:

@@ -20,9 +20,10 @@ from datastore.errors import InvalidArgument
 from datastore.records import Passage
 from rag import RetrievalAugmentedLM, Retriever, SpeculativeRAG
 from rag.lm import RALMConfig, Window, context_ids, encode, load_causal_lm, perplexity_windows
+from rag.ra_train import RATrainConfig, TrainText, build_examples, induction_rows, with_copies
 from rag.retriever import Reference, RetrieverConfig
 from rag.speculative import SpeculativeConfig, augmented_probs
-from rag.train_tiny import TinyLMConfig, pack, train, train_tokenizer
+from rag.train_tiny import TinyLMConfig, pack, pad_examples, train, train_examples, train_tokenizer
 
 hf_logging.set_verbosity_error()
 
@@ -376,6 +377,99 @@ def test_train_tiny_saves_a_bloom_model_that_decodes_exactly(tokenizer, wiki_doc
     got, _ = SpeculativeRAG(model, drafter, tok, config=SpeculativeConfig(gamma=3)).generate_ids(
         prompt, prompt[-8:], max_new_tokens=12)
     assert got == want
+
+
+def test_augmented_training_rows_never_show_a_window_its_own_text(embedded, tokenizer, wiki_docs):
+    """Rows are laid out as evaluation windows (BOS + passages, loss on the window only); a
+    text's own chunks never reach its passages, while its article's other chunks may."""
+    docs = [d for d in wiki_docs if len(d["text"].split()) > 100][:6]
+    assert len(docs) >= 3
+    texts, leads = [], []
+    for d in docs:
+        words = d["text"].split()
+        texts.append(TrainText(f"{d['title']}\n{d['text']}", d["id"]))  # whole article: no own chunk
+        texts.append(TrainText(" ".join(words[64:]), d["id"], range(1, 10**9)))  # tail: may see chunk 0
+        leads += [None, " ".join(words[52:64])]  # the end of chunk 0 (a cut passage keeps its end)
+    cfg = RATrainConfig(window=48, k=2, context_tokens=120, no_retrieval_fraction=0.0)
+    built = build_examples(tokenizer, embedded, texts, cfg, log=lambda m: None)
+    assert built.with_passages > 0 and len(built.rows) >= len(texts)
+    bos = tokenizer.bos_token_id
+    leads_seen = row = 0
+    for t, lead in zip(texts, leads):
+        ids = encode(tokenizer, t.text)
+        for begin in range(0, len(ids), 48):
+            window = ids[begin:begin + 48]
+            if len(window) < 2:
+                continue
+            got, labels = built.rows[row]
+            row += 1
+            n_prefix = len(got) - len(window)
+            assert got[0] == bos and got[n_prefix:] == window and n_prefix - 1 <= 120
+            assert labels == [-100] * n_prefix + window
+            prefix = tokenizer.decode(got[1:n_prefix])
+            if lead is None:  # the text is the whole article: none of its chunks may be prepended
+                for chunk in (t.text.split("\n", 1)[1].split()[i:i + 64] for i in range(0, 10**4, 64)):
+                    if chunk:
+                        assert " ".join(chunk[:12]) not in prefix
+            elif lead in prefix:
+                leads_seen += 1
+    assert row == len(built.rows)
+    assert leads_seen >= 1  # a tail retrieved its own lead, as a held-out tail will
+    none = build_examples(tokenizer, embedded, texts[:2], RATrainConfig(window=48, no_retrieval_fraction=1.0),
+                          log=lambda m: None)
+    assert none.with_passages == 0 and all(r[0][0] == bos and r[1][0] == -100 for r in none.rows)
+
+
+def test_copy_curriculum_adds_a_span_of_the_window_within_budget():
+    window = list(range(100, 140))
+    rows = [([1] + [50] * 30 + window, [-100] * 31 + window), ([1] + window, [-100] + window)]
+    out = with_copies(rows * 20, 0.5, [7], [1], budget=40, seed=3)
+    copied = 0
+    for (ids, labels), (old_ids, _) in zip(out, rows * 20):
+        n_prefix = len(ids) - len(window)
+        assert ids[n_prefix:] == window and labels == [-100] * n_prefix + window and ids[0] == 1
+        assert n_prefix - 1 <= 40
+        if old_ids == [1] + window:  # no passages: stays a plain row
+            assert ids == old_ids
+        elif ids != old_ids:
+            copied += 1
+            ctx = ids[1:n_prefix]
+            span = [t for t in ctx if t >= 100]  # the passage tokens are 50s, the separator 7
+            start = ctx.index(span[0])
+            assert ctx[start:start + len(span) + 1] == span + [7]  # one piece, then a separator
+            assert len(span) >= 20 and span == list(range(span[0], span[0] + len(span)))
+    assert 3 <= copied <= 17
+    assert with_copies(rows, 0.0, [7], [1], 40) == rows
+    with pytest.raises(ValueError, match="fraction"):
+        with_copies(rows, 1.5, [7], [1], 40)
+
+
+def test_induction_rows_repeat_random_tokens_with_loss_on_the_repeat():
+    rows = induction_rows(50, 300, 5, [0], min_len=3, max_len=9, seed=1)
+    lengths = set()
+    for ids, labels in rows:
+        n = (len(ids) - 1) // 2
+        lengths.add(n)
+        assert ids[0] == 0 and ids[1:1 + n] == ids[1 + n:] and all(5 <= t < 300 for t in ids[1:])
+        assert labels == [-100] * (1 + n) + ids[1 + n:]
+    assert min(lengths) >= 3 and max(lengths) <= 9 and len(lengths) > 3
+    assert induction_rows(5, 300, 5, [0], seed=1) == induction_rows(5, 300, 5, [0], seed=1)
+    with pytest.raises(ValueError, match="min_len"):
+        induction_rows(1, 300, 5, [0], min_len=5, max_len=2)
+
+
+def test_train_examples_pads_and_masks(tokenizer, tmp_path):
+    ids, labels, mask = pad_examples([([5, 6, 7], [-100, 6, 7]), ([8], [8])], pad_id=0)
+    assert ids.tolist() == [[5, 6, 7], [8, 0, 0]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert labels.tolist() == [[-100, 6, 7], [8, -100, -100]]
+    with pytest.raises(ValueError, match="labels"):
+        pad_examples([([1, 2], [1])], 0)
+    rows = [([tokenizer.bos_token_id] + list(range(10, 10 + n)), [-100] + list(range(10, 10 + n)))
+            for n in (5, 9, 12)]
+    summary = train_examples(rows, TinyLMConfig(layers=1, hidden=32, heads=1, batch_size=2, steps=2),
+                             tmp_path / "lm", tokenizer, log=lambda m: None)
+    assert summary.steps == 2 and summary.tokens > 0
+    assert load_causal_lm(tmp_path / "lm")[0].config.n_layer == 1
 
 
 # -- adapters and CLI -------------------------------------------------------------------------
