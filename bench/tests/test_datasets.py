@@ -93,6 +93,17 @@ def test_synthetic_is_deterministic_and_sized(tmp_path):
         SyntheticConfig(out=tmp_path / "c", n=0)
 
 
+def test_cosine_synthetic_is_unit_rows_and_memory_mapped(tmp_path):
+    big = prepare_synthetic(SyntheticConfig(out=tmp_path / "b", n=70_000, dim=16, queries=10, clusters=9,
+                                            metric="cos", seed=3))
+    stored = np.load(big / "base.npy")
+    assert np.allclose(np.linalg.norm(stored, axis=1), 1.0, atol=1e-5)
+    ds = load_dataset(big)
+    assert isinstance(ds.base, np.memmap) or isinstance(ds.base.base, np.memmap)  # not a private copy
+    assert ds.metric == "ip" and np.array_equal(np.asarray(ds.base), stored)
+    assert np.array_equal(ds.gt[:, :10], _brute(stored, ds.queries, 10, "ip"))
+
+
 def test_questions_are_seeded_and_distinct():
     titles = [f"Topic {i}" for i in range(50)]
     q1, q2 = make_questions(titles, 20, seed=1), make_questions(titles, 20, seed=1)
