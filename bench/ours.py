@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import gc
 from typing import Any
 
 import numpy as np
@@ -50,6 +51,11 @@ class OurIndex(Adapter):
         index.train(base)  # each kind samples what it needs, by its own config (e.g. train_sample)
         index.add(np.arange(len(base), dtype=np.int64), base, tenants=tenants)
         index.save(self.workdir)
+        # kinds without a datastore keep their lists in a scratch LMDB that the index removes
+        # when it is collected; drop it now, not at interpreter exit (which may skip it and
+        # leave GBs in /tmp per run)
+        del index
+        gc.collect()
 
     def load(self, params: dict[str, Any]) -> None:
         from index.registry import load_index
