@@ -8,7 +8,8 @@ consistent copy of every shard it serves from a live replica before it starts se
 The source side takes the copy with LMDB's own `env.copy` (one read transaction, so the
 copy is a consistent state of the shard while writes go on) into a scratch directory and
 hands it out in chunks by offset (`ReadSnapshot`, a unary RPC, so the server's auth and
-limit interceptors apply to it as to any call). The receiving side verifies size and
+limit interceptors apply to it as to any call). One copy per shard at a time, shared by
+readers while current, deleted when read to the end: readers can not fill the disk. The receiving side verifies size and
 sha256, then swaps the copy in for the shard's files; the shard's saved index no longer
 matches the copied write sequence, so the next open rebuilds it from LMDB.
 """
@@ -16,6 +17,7 @@ matches the copied write sequence, so the next open rebuilds it from LMDB.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import os
 import shutil
@@ -27,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from datastore.errors import FailedPrecondition, InvalidArgument, NotFound
+from datastore.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 
 log = logging.getLogger(__name__)
 #: Bytes per ReadSnapshot answer: well under gRPC's message limits.
@@ -45,6 +47,12 @@ class _Copy:
     sha256: str
     write_seq: int
     touched: float
+    #: (shard_id, control) it copies, and the LMDB transaction id read just before the copy:
+    #: while the source's last transaction is still that one, the copy is current.
+    target: tuple[int, bool] = (0, False)
+    txnid: int = -1
+    #: Readers that started on it and have not read its last chunk yet.
+    readers: int = 1
 
 
 @dataclass(frozen=True)
@@ -57,13 +65,28 @@ class Chunk:
     last: bool
 
 
-class SnapshotSource:
-    """Consistent copies of a Datastore's shards (and control store), read in chunks."""
+#: A copy nobody has read on for this long may be replaced by a new one of the same shard.
+ABANDONED_SECONDS = 30.0
+#: How often a seeding replica asks again while another reader holds the shard's copy.
+SEED_RETRY_SECONDS = 1.0
 
-    def __init__(self, store, ttl: float = SNAPSHOT_TTL_SECONDS) -> None:
+
+class SnapshotSource:
+    """Consistent copies of a Datastore's shards (and control store), read in chunks.
+
+    At most one copy per shard (and one of the control store) exists at a time, so callers
+    can not fill the disk with copies: a new reader shares the live copy when nothing was
+    written since it was taken, and is refused (ResourceExhausted) while another reader
+    is still on an older one, unless that one has not been read for ABANDONED_SECONDS. A
+    copy is deleted when its last reader has read its last chunk (or after `ttl` unread)."""
+
+    def __init__(self, store, ttl: float = SNAPSHOT_TTL_SECONDS, abandoned: float = ABANDONED_SECONDS) -> None:
         self.store = store
         self.ttl = ttl
+        self.abandoned = abandoned
         self._copies: dict[str, _Copy] = {}
+        #: (shard_id, control) -> the id of its live copy, or "" while one is being taken
+        self._live: dict[tuple[int, bool], str] = {}
         self._lock = threading.Lock()
         self._scratch = Path(store.directory) / SCRATCH
         shutil.rmtree(self._scratch, ignore_errors=True)  # copies of an earlier run
@@ -71,52 +94,99 @@ class SnapshotSource:
     def close(self) -> None:
         with self._lock:
             self._copies.clear()
+            self._live.clear()
         shutil.rmtree(self._scratch, ignore_errors=True)
 
     def _env(self, shard_id: int, control: bool):
         if control:
-            return self.store.control.env, 0
+            return self.store.control.env
         for shard in self.store.shards:
             if shard.shard_id == shard_id:
-                return shard.env, shard.seq
+                return shard.env
         raise NotFound(f"shard {shard_id} is not served here (shards {self.store.shard_ids})",
                        resource_type="shard", resource_name=str(shard_id))
 
-    def _take(self, shard_id: int, control: bool) -> str:
-        env, seq = self._env(shard_id, control)
-        snapshot_id = uuid.uuid4().hex
-        target = self._scratch / snapshot_id
-        target.mkdir(parents=True)
-        # env.copy reads in one transaction: the copy is one committed state of the shard.
-        # The sequence read above can only be older than the copy's; read it from the copy.
-        env.copy(str(target))
-        seq = _read_seq(target) if not control else 0
-        digest = hashlib.sha256()
-        with open(target / DATA_FILE, "rb") as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                digest.update(block)
-        size = (target / DATA_FILE).stat().st_size
+    def _drop(self, snapshot_id: str) -> _Copy | None:
+        """Forget a copy (under the lock); the caller deletes its files."""
+        copy = self._copies.pop(snapshot_id, None)
+        if copy is not None and self._live.get(copy.target) == snapshot_id:
+            del self._live[copy.target]
+        return copy
+
+    def _start(self, shard_id: int, control: bool) -> str:
+        """The id of a copy for a new reader: the live one when current, else a new one."""
+        env = self._env(shard_id, control)
+        target = (0, True) if control else (shard_id, False)
+        now = time.monotonic()
+        gone = None
         with self._lock:
-            self._copies[snapshot_id] = _Copy(target, size, digest.hexdigest(), seq, time.monotonic())
-        log.info("snapshot %s of %s: %d bytes, write_seq %d", snapshot_id,
-                 "control" if control else f"shard {shard_id}", size, seq)
+            live = self._live.get(target)
+            if live == "":
+                raise ResourceExhausted(f"a copy of {_name(target)} is being taken", subject="snapshots",
+                                        hint="one copy per shard at a time: retry in a few seconds")
+            if live is not None:
+                copy = self._copies[live]
+                if copy.txnid == env.info()["last_txnid"]:
+                    copy.readers += 1
+                    copy.touched = now
+                    return live
+                if now - copy.touched < self.abandoned:
+                    raise ResourceExhausted(f"an older copy of {_name(target)} is still being read",
+                                            subject="snapshots",
+                                            hint="one copy per shard at a time: retry when it is done")
+                gone = self._drop(live)
+            self._live[target] = ""  # taking one: others wait
+        if gone is not None:
+            shutil.rmtree(gone.path, ignore_errors=True)
+        try:
+            return self._take(env, target)
+        except BaseException:
+            with self._lock:
+                if self._live.get(target) == "":
+                    del self._live[target]
+            raise
+
+    def _take(self, env, target: tuple[int, bool]) -> str:
+        snapshot_id = uuid.uuid4().hex
+        path = self._scratch / snapshot_id
+        path.mkdir(parents=True)
+        try:
+            txnid = env.info()["last_txnid"]
+            # env.copy reads in one transaction: the copy is one committed state of the shard;
+            # its write sequence is read from the copy itself.
+            env.copy(str(path))
+            seq = 0 if target[1] else _read_seq(path)
+            digest = hashlib.sha256()
+            with open(path / DATA_FILE, "rb") as f:
+                for block in iter(lambda: f.read(1 << 22), b""):
+                    digest.update(block)
+            size = (path / DATA_FILE).stat().st_size
+        except BaseException:
+            shutil.rmtree(path, ignore_errors=True)
+            raise
+        with self._lock:
+            self._copies[snapshot_id] = _Copy(path, size, digest.hexdigest(), seq, time.monotonic(), target, txnid)
+            self._live[target] = snapshot_id
+        log.info("snapshot %s of %s: %d bytes, write_seq %d", snapshot_id, _name(target), size, seq)
         return snapshot_id
 
     def _expire(self) -> None:
         now = time.monotonic()
         with self._lock:
             old = [k for k, c in self._copies.items() if now - c.touched > self.ttl]
-            gone = [self._copies.pop(k) for k in old]
+            gone = [self._drop(k) for k in old]
         for c in gone:
-            shutil.rmtree(c.path, ignore_errors=True)
+            if c is not None:
+                shutil.rmtree(c.path, ignore_errors=True)
 
     def read(self, snapshot_id: str, shard_id: int, control: bool, offset: int) -> Chunk:
-        """The chunk at `offset` of a copy; a new copy when `snapshot_id` is empty."""
+        """The chunk at `offset` of a copy; a new reader (empty `snapshot_id`) gets the
+        shard's live copy when current, else a new one."""
         self._expire()
         if not snapshot_id:
             if offset:
                 raise InvalidArgument.field("offset", "a new snapshot starts at offset 0")
-            snapshot_id = self._take(shard_id, control)
+            snapshot_id = self._start(shard_id, control)
         with self._lock:
             copy = self._copies.get(snapshot_id)
             if copy is not None:
@@ -132,9 +202,20 @@ class SnapshotSource:
         last = offset + len(data) >= copy.size
         if last:
             with self._lock:
-                self._copies.pop(snapshot_id, None)
-            shutil.rmtree(copy.path, ignore_errors=True)
+                copy.readers -= 1
+                done = copy.readers <= 0 and self._drop(snapshot_id) is not None
+            if done:
+                shutil.rmtree(copy.path, ignore_errors=True)
         return Chunk(snapshot_id, data, copy.size, copy.sha256, copy.write_seq, last)
+
+    def live_copies(self) -> int:
+        """Copies on disk now (for tests and metrics)."""
+        with self._lock:
+            return len(self._copies)
+
+
+def _name(target: tuple[int, bool]) -> str:
+    return "the control store" if target[1] else f"shard {target[0]}"
 
 
 def shard_digest(shard) -> str:
@@ -272,8 +353,17 @@ def _copy_all(call, stub, pb, source, directory: Path, wanted: list[int], contro
         fresh = Path(tempfile.mkdtemp(prefix=f".seed-{place.name}-", dir=directory))
 
         def read(snapshot_id: str, offset: int, sid=sid, is_control=is_control) -> Chunk:
-            r = call(stub.ReadSnapshot, pb.ReadSnapshotRequest(snapshot_id=snapshot_id, shard_id=sid,
-                                                               control=is_control, offset=offset))
+            request = pb.ReadSnapshotRequest(snapshot_id=snapshot_id, shard_id=sid, control=is_control, offset=offset)
+            for attempt in itertools.count():
+                try:
+                    r = call(stub.ReadSnapshot, request)
+                    break
+                except ResourceExhausted:
+                    # another reader holds the shard's one copy: wait for it (or for it to be
+                    # given up as abandoned), within the deadline
+                    if snapshot_id or attempt * SEED_RETRY_SECONDS > 2 * ABANDONED_SECONDS:
+                        raise
+                    time.sleep(SEED_RETRY_SECONDS)
             return Chunk(r.snapshot_id, r.data, r.total_bytes, r.sha256, r.write_seq, r.last)
 
         try:

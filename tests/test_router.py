@@ -344,6 +344,106 @@ def test_a_replica_that_missed_a_write_is_not_read_until_resynced(datastore_dir,
         r2.stop()
 
 
+def _digests(address: str) -> dict[int, tuple[int, str]]:
+    from service.pb import datastore_pb2 as pb
+    from service.pb import datastore_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(address) as ch:
+        answer = pb_grpc.DatastoreStub(ch).Stats(pb.StatsRequest(with_digest=True), timeout=30)
+    return {s.shard_id: (s.write_seq, s.digest) for s in answer.shards}
+
+
+def test_a_reseeded_replica_rejoins_while_writes_go_on(datastore_dir, tmp_path, caplog):
+    """Writes never stop: the reseeded replica's copy is behind by the time it serves, and
+    the router hands it the writes it lacks from its write log, then reads from it again."""
+    import shutil
+
+    d1, d2 = tmp_path / "r1", tmp_path / "r2"
+    shutil.copytree(datastore_dir, d1)
+    shutil.copytree(datastore_dir, d2)
+    r1, r2 = ShardServer(d1, "0,1,2,3"), ShardServer(d2, "0,1,2,3")
+    router = Router(RouterConfig([[r1.address, r2.address]], per_shard_timeout=2.0, health_interval=0.2))
+    stop, acked, deleted, errors = threading.Event(), [], set(), []
+
+    def write() -> None:
+        n = 0
+        while not stop.is_set():
+            n += 1
+            try:
+                acked.extend(router.upsert([Passage(-1, f"w{n} {i}") for i in range(3)], _vectors(3, 100 + n)))
+                if n % 5 == 0:  # deletes too, cut across shards
+                    router.delete(acked[-7:-4])
+                    deleted.update(acked[-7:-4])
+                if n % 7 == 0:  # and rewrites of existing passages
+                    router.upsert([Passage(acked[-1], f"again {n}")], _vectors(1, 900 + n))
+            except Exception as e:  # noqa: BLE001  # every failure is asserted on below
+                errors.append(e)
+            time.sleep(0.005)
+
+    def stale(address: str) -> bool:
+        return next(s.stale for s in router.replica_status() if s.address == address)
+
+    writer = threading.Thread(target=write)
+    try:
+        assert not stale(r2.address)
+        base = router.stats().passages
+        writer.start()
+        time.sleep(0.5)
+        r2.kill()
+        assert _wait_for(lambda: stale(r2.address))
+        time.sleep(0.5)
+        r2 = ShardServer(d2, "0,1,2,3", r2.port, "--seed-from", r1.address)
+        t = time.monotonic()
+        assert _wait_for(lambda: not stale(r2.address), seconds=30), router.replica_status()
+        rejoined, at = time.monotonic() - t, len(acked)
+        assert _wait_for(lambda: len(acked) > at + 30)  # writes went on after it rejoined
+        assert not stale(r2.address) and writer.is_alive()
+        stop.set()
+        writer.join()
+        assert not errors, errors[:3]
+        assert not stale(r2.address), router.replica_status()
+        assert rejoined < 30
+        replayed = [int(m.group(1)) for r in caplog.records
+                    for m in [re.search(r"sent it (\d+) writes its copy lacked", r.getMessage())] if m]
+        assert replayed and sum(replayed) > 0, "the copy was not behind: the test did not test catching up"
+        # same data on both: sequences and digests, every acknowledged write on both
+        assert _digests(r1.address) == _digests(r2.address)
+        live = sorted(set(acked) - deleted)
+        with DatastoreClient(r1.address) as a, DatastoreClient(r2.address) as b:
+            assert [p.text for p in a.get_passages(live)] == [p.text for p in b.get_passages(live)]
+            assert a.stats().passages == b.stats().passages == base + len(live)
+            queries = list(_vectors(10, 12))
+            assert [[h.id for h in row] for row in a.search(queries, k=10)] == \
+                   [[h.id for h in row] for row in b.search(queries, k=10)]
+    finally:
+        stop.set()
+        if writer.is_alive():
+            writer.join()
+        router.close()
+        r1.stop()
+        r2.stop()
+
+
+def test_ids_beyond_int64_through_the_router_are_invalid(cluster):
+    router, server, config, client, _ = _router(cluster)
+    big = 2**63 + 5
+    try:
+        for call in (lambda: client.get_passages([big]), lambda: client.delete([5, big]),
+                     lambda: client.upsert([Passage(big, "x")], _vectors(1, 3))):
+            with pytest.raises(InvalidArgument):
+                call()
+        for call in (lambda: router.grant([big], "t"), lambda: router.revoke([big], "t")):
+            with pytest.raises(InvalidArgument):
+                call()
+        from datastore.errors import ResourceExhausted
+        with pytest.raises(ResourceExhausted):  # checked before any text is embedded
+            router.search(["some text"] * (router.limits.max_hits // router.limits.max_k + 1), k=router.limits.max_k)
+    finally:
+        client.close()
+        stop_server(server, config)
+        router.close()
+
+
 def test_deadlines_per_shard_timeouts_and_hedging_when_a_server_hangs(cluster):
     """A SIGSTOPped server is alive but silent: only deadlines (or hedging) end its calls."""
     from datastore.errors import DeadlineExceeded
@@ -419,4 +519,44 @@ def test_a_damaged_snapshot_is_refused(datastore_dir, tmp_path):
             download(flip, tmp_path / "bad")
         with pytest.raises(NotFound):  # only shard 1 is served here
             source.read("", 0, False, 0)
+        source.close()
+
+
+def test_one_snapshot_copy_per_shard_at_a_time(datastore_dir, tmp_path, monkeypatch):
+    """Readers share a shard's copy while nothing was written; a newer one is refused while
+    the older is read, and the copy is gone once read to the end."""
+    import shutil
+
+    from datastore import snapshot
+    from datastore.errors import ResourceExhausted
+    from datastore.sharding import shard_of
+
+    monkeypatch.setattr(snapshot, "CHUNK_BYTES", 4096)
+    shutil.copytree(datastore_dir, tmp_path / "ds")
+    on_1 = next(i for i in range(10**6, 10**6 + 100) if int(shard_of(i, 4)) == 1)
+    with open_datastore(tmp_path / "ds", shard_ids=[1]) as ds:
+        source = snapshot.SnapshotSource(ds)
+        scratch = tmp_path / "ds" / snapshot.SCRATCH
+        first = source.read("", 1, False, 0)
+        assert not first.last and source.read("", 1, False, 0).snapshot_id == first.snapshot_id  # shared
+        assert source.live_copies() == 1 and len(list(scratch.iterdir())) == 1
+        ds.upsert([Passage(on_1, "newer")], _vectors(1, 40))
+        with pytest.raises(ResourceExhausted):  # the shard changed: a second copy is refused
+            source.read("", 1, False, 0)
+        for _ in range(2):  # both readers read to the end: then the copy is deleted
+            got = snapshot.download(lambda sid, off: source.read(sid or first.snapshot_id, 1, False, off),
+                                    tmp_path / "dl")
+            assert got.snapshot_id == first.snapshot_id
+        assert source.live_copies() == 0 and list(scratch.iterdir()) == []
+        fresh = source.read("", 1, False, 0)  # a new one, of the newer state
+        assert fresh.snapshot_id != first.snapshot_id and fresh.write_seq == ds.shards[0].seq
+        source.close()
+        # a copy nobody reads on is given up for a newer one
+        source = snapshot.SnapshotSource(ds, abandoned=0.0)
+        old = source.read("", 1, False, 0)
+        ds.upsert([Passage(on_1, "newest")], _vectors(1, 41))
+        new = source.read("", 1, False, 0)
+        assert new.snapshot_id != old.snapshot_id and source.live_copies() == 1
+        with pytest.raises(NotFound):
+            source.read(old.snapshot_id, 1, False, 4096)
         source.close()
