@@ -7,6 +7,7 @@ with exit code 2; `main(argv)` returns the exit code so tests can call it in-pro
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 import textwrap
@@ -262,6 +263,7 @@ def serve(directory, host, port, shard_list, router, shard_servers, partial_resu
     # (10x the CPU per search). The environment sets the default of every thread, so it
     # must be in place before faiss (imported by service.server) loads.
     os.environ["OMP_NUM_THREADS"] = str(omp_threads)
+    _limit_malloc_arenas()
     from service.server import ServerConfig, create_server, stop_server
 
     import faiss
@@ -436,6 +438,20 @@ def plan_cmd(tokens, chunk_words, dim, index_kind, passages_per_shard, measured,
                f"  embedding: {p['gpu_hours']:,.0f} GPU-hours (assumed {costs.gpu_passages_per_s:,.0f} passages/s "
                f"per GPU) or {p['cpu_core_hours']:,.0f} CPU core-hours\n"
                f"  query fan-out: p50 ~{p['query_p50_ms']} ms, p99 ~{p['query_p99_ms']} ms")
+
+
+def _limit_malloc_arenas(arenas: int = 2) -> None:
+    """Cap glibc's per-thread malloc arenas. A server's many worker threads each keep an
+    arena of freed memory: serving snapshot chunks grew a shard server's heap 5-12 MB per
+    reseed without a leak (flat at MALLOC_ARENA_MAX=2 across 12 reseeds in the soak)."""
+    if "MALLOC_ARENA_MAX" in os.environ:
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-8, arenas)  # M_ARENA_MAX
+    except (OSError, AttributeError):  # not glibc: nothing to cap
+        pass
 
 
 def _is_loopback(host: str) -> bool:
