@@ -568,6 +568,11 @@ class BinaryIndex:
                           {"bits": self.config.bits, "code_dims": self.m, "code_bytes": self.code_bytes,
                            "model_bytes": model,
                            "binarizer": "" if self.binarizer is None else self.binarizer.fingerprint(),
+                           # which start won on held-out data, and whether training beat it ("start": no)
+                           "binarizer_start": "" if self.binarizer is None
+                           else str(self.binarizer.train_stats.get("start", "")),
+                           "binarizer_kept": "" if self.binarizer is None
+                           else str(self.binarizer.train_stats.get("kept", "")),
                            "ivf_lists": 0 if self._centroids is None else len(self._centroids),
                            "embedding_version": self.config.embedding_version,
                            "query_versions": sorted(self.query_binarizers)})

@@ -239,3 +239,29 @@ def test_datastore_built_with_binary_index_answers_searches(tmp_path):
         assert added[0] not in ds.search_vectors(new, 5).ids
     with open_datastore(out) as ds:  # the saved index reflects the updates
         assert ds.search_vectors(new[1:], 1).ids[:, 0].tolist() == added[1:]
+
+
+def test_learned_codes_never_worse_than_sign_codes_on_wide_clustered_data():
+    """384-d sentence embeddings once trained into codes worse than sign(x); on wide (160-d)
+    clustered data with unequal variance, the held-out guard keeps the best of the start
+    candidates (sign(x) among them) and of the epochs, so learned codes are at least sign's."""
+    rng = np.random.default_rng(7)
+    dim = 160
+    mix = rng.standard_normal((16, dim)) * np.linspace(2.0, 0.2, dim)  # unequal variance per dim
+    offset = 0.5 * rng.standard_normal(dim)
+    base = unit(latent(4000, 10, clusters=40, dims=16) @ mix + offset + 0.3 * rng.standard_normal((4000, dim)))
+    queries = unit(latent(200, 11, clusters=40, dims=16) @ mix + offset + 0.3 * rng.standard_normal((200, dim)))
+    flat = FlatIndex(dim)
+    flat.add(np.arange(len(base)), base)
+    truth = flat.search(queries, 10).ids
+    learned = Binarizer(dim, BinarizerConfig(bits=1, code_dims=dim, epochs=2, train_sample=2000)).fit(base)
+    stats = learned.train_stats
+    assert stats["kept"] == "start" or stats["held_out_recall"] > max(stats["start_scores"].values())
+    assert stats["held_out_recall"] >= stats["start_scores"]["sign"]
+    found = {}
+    for name, q, d in (("learned", learned.encode(queries), learned.encode(base)),
+                       ("sign", sdc.pack(queries[:, None, :]), sdc.pack(base[:, None, :]))):
+        found[name] = sdc.top_n(sdc.sdc_int(q, sdc.to_planes(d), dim), 40)
+    # the guard's measure: float top-10 within the code top-10 and top-40 (oversample 1 and 4)
+    score = {name: np.mean([recall(f[:, :depth], truth) for depth in (10, 40)]) for name, f in found.items()}
+    assert score["learned"] >= score["sign"] - 0.01, (score, stats)
