@@ -286,6 +286,7 @@ class Router:
         self.servers: list[_Server] = self._loop.run(self._connect())
         self._encoder_factory = encoder_factory or (lambda name: Encoder(name))
         self._encoder: Encoder | None = None
+        self._query_encoders: dict[str, Any] = {}  # compat models' encoders, by name
         self._encoder_lock = threading.Lock()
         self._on_health_change: list[Callable[[bool], None]] = []
         self._serving = True
@@ -684,6 +685,20 @@ class Router:
                 self._encoder = self._encoder_factory(self.manifest.model.name)
             return self._encoder
 
+    def _embed(self, queries: Sequence[Query], params: SearchParams | None) -> np.ndarray:
+        """Texts embedded by the model `params.query_model` names (a compat model of a binary
+        datastore), else by the datastore's own; the shard servers check the name."""
+        from datastore import compat
+
+        record = compat.query_model(self.manifest, params)
+        if record is None:
+            return embed_queries(queries, self.dim, self.limits, lambda: self.encoder)
+        with self._encoder_lock:
+            if record["name"] not in self._query_encoders:
+                self._query_encoders[record["name"]] = compat.make_encoder(record["name"])
+            encoder = self._query_encoders[record["name"]]
+        return embed_queries(queries, int(record["dim"]), self.limits, lambda: encoder)
+
     def check_vectors(self, vectors: np.ndarray, name: str = "vector") -> np.ndarray:
         return check_query_vectors(vectors, self.dim, name)
 
@@ -694,7 +709,7 @@ class Router:
         if not isinstance(k, (int, np.integer)) or not 1 <= k <= self.limits.max_k:
             raise InvalidArgument.field("k", f"must be between 1 and {self.limits.max_k}, got {k}")
         check_search_size(k, len(queries), params, self.limits)
-        vectors = embed_queries(queries, self.dim, self.limits, lambda: self.encoder)  # embed once, not per shard
+        vectors = self._embed(queries, params)  # embed once, not per shard
         request = pb.SearchRequest(k=k, tenant=tenant, metadata_filter=metadata_filter or {},
                                    params=convert.params_to_pb(params), include_text=include_text)
         queries_pb = [convert.query_to_pb(v) for v in vectors]

@@ -221,6 +221,17 @@ def test_grpc_search_with_query_model(compat_dir, corpus, encoder):
             assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             with pytest.raises(InvalidArgument, match="query_model"):  # the client raises it as such
                 client.search(questions[:1], K, params=SearchParams(query_model="no-such-model"))
+            # a router embeds text queries once, with the model the query names
+            from service.router import Router, RouterConfig
+
+            router = Router(RouterConfig([[f"127.0.0.1:{port}"]]))
+            try:
+                routed = router.search(questions[:20], K, params=SearchParams(query_model=GLOVE), include_text=False)
+                assert [[h.id for h in row] for row in routed] == [[h.id for h in row] for row in hits]
+                with pytest.raises(InvalidArgument, match="query_model"):
+                    router.search(questions[:1], K, params=SearchParams(query_model="no-such-model"))
+            finally:
+                router.close()
         finally:
             client.close()
             stop_server(srv, config)
