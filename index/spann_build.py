@@ -95,38 +95,53 @@ class BulkBuild:
                 self._spill_grouped(grouped, pending, seq)
                 pending, pending_bytes, seq = [], 0, seq + 1
         self._spill_grouped(grouped, pending, seq)
+        self._raw.close()  # unmap the staged rows: their pages count in RSS until then
+        self._raw = None
         batch: dict[int, bytes] = {}
-        head, parts = None, []
+        batch_bytes, head, parts = 0, None, []
         for key, blob in grouped.items():  # keys sort by head, then by spill
             h = key >> 24
             if h != head and parts:
                 batch[head] = self._finish_posting(head, parts)
+                batch_bytes += len(batch[head])
                 parts = []
-                if len(batch) >= 512:
+                if len(batch) >= 512 or batch_bytes >= self.SPILL_TXN_BYTES:
                     self.store.write(batch)
-                    batch = {}
+                    batch, batch_bytes = {}, 0
             head = h
             parts.append(codec.decode(blob, self.dim))
         if parts:
             batch[head] = self._finish_posting(head, parts)
         self.store.write(batch)
-        for spill in (self._raw, grouped):
-            spill.close()
-        self._raw = None
+        grouped.close()
         self._drop_spills()
 
-    @staticmethod
-    def _spill_grouped(grouped: LmdbBlobStore, pending: list, seq: int) -> None:
+    #: Bytes of grouped blobs per scratch write transaction (LMDB keeps a transaction's
+    #: dirty pages in anonymous memory until the commit).
+    SPILL_TXN_BYTES = 16 << 20
+
+    @classmethod
+    def _spill_grouped(cls, grouped: LmdbBlobStore, pending: list, seq: int) -> None:
+        """Write the pending assignments as one blob per (head, seq), sorted by head.
+
+        Memory stays ~2x the pending rows: the parts are gathered from the concatenated
+        arrays by index (no sorted copy of everything) and written in bounded transactions."""
         if not pending:
             return
         heads, ids, prim, vecs = (np.concatenate(c) for c in zip(*pending))
+        pending.clear()  # the caller's list: let its arrays go before the gathers below
         order = np.argsort(heads, kind="stable")
-        heads, ids, prim, vecs = heads[order], ids[order], prim[order], vecs[order]
-        bounds = np.flatnonzero(np.diff(heads)) + 1
-        puts = {}
-        for part in np.split(np.arange(len(heads)), bounds):
-            puts[(int(heads[part[0]]) << 24) | seq] = codec.encode(Posting(ids[part], prim[part], vecs[part]))
-        grouped.write(puts)
+        bounds = np.flatnonzero(np.diff(heads[order])) + 1
+        puts, size = {}, 0
+        for part in np.split(order, bounds):
+            blob = codec.encode(Posting(ids[part], prim[part], vecs[part]))
+            puts[(int(heads[part[0]]) << 24) | seq] = blob
+            size += len(blob)
+            if size >= cls.SPILL_TXN_BYTES:
+                grouped.write(puts)
+                puts, size = {}, 0
+        if puts:
+            grouped.write(puts)
 
     def _finish_posting(self, head: int, parts: list[Posting]) -> bytes:
         p = parts[0]

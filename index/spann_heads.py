@@ -107,3 +107,21 @@ class HeadIndex:
     def memory_bytes(self) -> int:
         graph = self.count * self.hnsw_m * 2 * 4 if self._hnsw else 0
         return self.vectors.nbytes + self.alive.nbytes + graph + len(self.vectors) * 8
+
+
+#: Lloyd refinement trains on at most this many sample points per head (faiss subsamples).
+REFINE_POINTS_PER_HEAD = 64
+
+
+def refine_heads(sample: np.ndarray, heads: np.ndarray, iters: int, seed: int = 0) -> np.ndarray:
+    """Heads moved by `iters` unbalanced Lloyd iterations over `sample`, from `heads`.
+
+    Why: a balanced tree's cap splits natural clusters, so a query's neighbours spread over
+    several lists; a few free iterations move the heads back onto the clusters. Posting-length
+    balance is then kept by the index's max_posting split rather than by the clustering."""
+    sample = np.ascontiguousarray(sample, np.float32)
+    km = faiss.Kmeans(sample.shape[1], len(heads), niter=iters, seed=seed,
+                      max_points_per_centroid=REFINE_POINTS_PER_HEAD, min_points_per_centroid=1)
+    with omp_threads(1 if len(sample) * len(heads) * sample.shape[1] < SMALL_WORK else None):
+        km.train(sample, init_centroids=np.ascontiguousarray(heads, np.float32))
+    return np.ascontiguousarray(km.centroids, np.float32)
