@@ -149,8 +149,16 @@ def test_max_concurrent_rpcs_refuses_calls_beyond_it_at_once(serve):
     _, channel, _ = serve(max_concurrent_rpcs=1)
     release = threading.Event()
     held = _stalled_upsert(channel, release)
+
+    def search() -> None:
+        nonlocal held
+        if held.done():  # a probe took the one slot first and the held call was refused: hold again
+            held = _stalled_upsert(channel, release)
+            time.sleep(0.2)
+        channel.unary_unary(SEARCH, _ident, _ident)(_search_bytes(), timeout=10)
+
     t = time.monotonic()
-    e = _refused_while_held(lambda: channel.unary_unary(SEARCH, _ident, _ident)(_search_bytes(), timeout=10))
+    e = _refused_while_held(search)
     assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and time.monotonic() - t < 10
     release.set()
     held.result(timeout=30)
