@@ -9,7 +9,6 @@ are saved on close, or rebuilt from LMDB on the next open after a crash).
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -196,9 +195,13 @@ class Datastore:
         self._unsaved = [False for _ in self.shards]
         workers = max(1, min(len(self.shards), 8))
         # OpenMP's thread count is per thread: without this each search thread would start a
-        # team of nproc threads and several shards searched at once would oversubscribe the cores
+        # team of nproc threads and several shards searched at once would oversubscribe the
+        # cores. Split what this thread may use (`serve` sets 1 through OMP_NUM_THREADS).
+        import faiss
+
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="shard-search",
-                                        initializer=_set_omp_threads, initargs=(max(1, (os.cpu_count() or 1) // workers),))
+                                        initializer=_set_omp_threads,
+                                        initargs=(max(1, faiss.omp_get_max_threads() // workers),))
         self._next_id = max(s.next_id for s in self.shards)  # ids at or above are free here
         self._id_lock = threading.Lock()
         self._filter_cache: dict[tuple[int, int, tuple], np.ndarray] = {}
