@@ -34,7 +34,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -376,6 +378,31 @@ def check_index(ds, known: dict[int, int]) -> list[str]:
     return bad[:20]
 
 
+@contextmanager
+def _index_opens():
+    """How each shard's index was opened (datastore.indexing logs it): a list of
+    "loaded", "replayed" or "rebuilt", filled while the block runs."""
+    import logging
+
+    opens: list[str] = []
+
+    class Handler(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            words = record.getMessage().split()
+            if words[2:3] == ["index"] and len(words) > 3:
+                opens.append(words[3])
+
+    logger = logging.getLogger("datastore.indexing")
+    handler, level = Handler(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield opens
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
 def kill_update_path(path: str, base: Path, work: Path, seed: int, delay: float) -> KillResult:
     from datastore.store import open_datastore
 
@@ -406,7 +433,9 @@ def kill_update_path(path: str, base: Path, work: Path, seed: int, delay: float)
     result.info = {"ops_acked": len(acks), "heads_max": max((sum(h) for h in heads), default=0),
                    "heads_first": sum(heads[0]) if heads else 0}
     try:
-        ds = open_datastore(d)
+        with _index_opens() as opens:
+            ds = open_datastore(d)
+        result.info["reopen"] = opens
     except Exception as e:  # a datastore that does not reopen is the worst outcome
         result.violations.append(f"reopen failed: {type(e).__name__}: {e}")
         return result
@@ -532,6 +561,8 @@ def run(paths: list[str], kills: int, seed: int, work: Path, max_delay: float = 
         summary = {"kills": len(killed), "runs": len(results), "violations": len(bad),
                    "examples": bad[:5], "in_flight_at_kill": sum(r.in_flight for r in killed),
                    "acked_ops": sum(r.acked for r in killed), "seconds": round(time.perf_counter() - t0, 1)}
+        if path != "build" and path != "binary":
+            summary["index_opens"] = dict(Counter(o for r in results for o in r.info.get("reopen", [])))
         if path == "spann":
             summary["heads_grew"] = sum(r.info.get("heads_max", 0) > r.info.get("heads_first", 0) for r in results)
         out["paths"][path] = summary

@@ -1,8 +1,12 @@
 """Building, saving and loading the per-shard vector index from what LMDB holds.
 
-An index directory records the shard write sequence it reflects; `open_index` rebuilds
-from LMDB when the sequence differs (a crash between an LMDB commit and the index save),
-so LMDB is the single source of truth and an index can always be thrown away.
+An index directory records the shard write sequence it reflects. When the shard is ahead
+(writes after the last save, then a crash), `open_index` loads the saved index and replays
+the ids the shard logged since (`Shard.changes_since`): each is removed and, if the shard
+still holds it, added back from LMDB, so no acknowledged write is lost and a crash costs
+the writes since the last save, not a rebuild. It rebuilds from LMDB only when the log does
+not reach back to the save or there is no usable save. LMDB is the single source of truth
+and an index can always be thrown away.
 
 A save is a small commit protocol: drop the `seq` file, write the index files, fsync them,
 record their sizes and checksums (checksums.json), then write `seq` last. After a crash or
@@ -13,6 +17,7 @@ open fails naming the file (rebuilding silently would hide a failing disk).
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +40,7 @@ from index import VectorIndex, create_index, load_index
 INDEX_DIR = "index"
 SEQ_FILE = "seq"
 TRAIN_SAMPLE = 100_000
+log = logging.getLogger(__name__)
 
 
 def index_dir(shard: Shard) -> Path:
@@ -82,6 +88,7 @@ def save_index(shard: Shard, index: VectorIndex, seq: int | None = None) -> None
         index.save(d)
         record_checksums(d, files_under(d, skip=(SEQ_FILE,)), {"seq": seq})
         atomic_write(d / SEQ_FILE, str(seq).encode())
+        shard.trim_changes(seq)
     except Exception as e:  # faiss reports a failed write as RuntimeError, numpy and json as OSError
         if write_failed_for_space(e, d):
             (d / SEQ_FILE).unlink(missing_ok=True)
@@ -117,9 +124,11 @@ def compact_index(shard: Shard, index: VectorIndex) -> None:
 
 
 def open_index(shard: Shard, info: IndexInfo, seed: int = 0) -> VectorIndex:
-    """The shard's saved index when it reflects the shard's last write, else a rebuilt one.
+    """The shard's saved index, brought up to the shard's last write by replaying the ids
+    written since its save; a rebuilt one when there is no usable save or the shard's log
+    does not reach back to it. Logs which of the three happened.
 
-    FailedPrecondition names the file when a current index is damaged (checksum, size, or
+    FailedPrecondition names the file when a saved index is damaged (checksum, size, or
     a file the index kind cannot parse)."""
     d = index_dir(shard)
     try:
@@ -127,11 +136,46 @@ def open_index(shard: Shard, info: IndexInfo, seed: int = 0) -> VectorIndex:
     except (OSError, ValueError):
         saved = None
     if saved is not None and saved == shard.seq:
+        log.info("shard %d: index loaded (write %d)", shard.shard_id, saved)
         return _load_verified(shard, info, d, saved)
+    changed = shard.changes_since(saved) if saved is not None else None
+    if changed is not None:
+        index = _load_verified(shard, info, d, saved)
+        if getattr(index, "replayable", True):
+            replay_changes(shard, index, changed)
+            save_index(shard, index)
+            log.info("shard %d: index replayed %d ids written after its save (writes %d to %d)",
+                     shard.shard_id, len(changed), saved, shard.seq)
+            return index
+        why = f"the saved {info.kind} index (an older format) cannot replay writes"
+    elif saved is None:
+        why = "no complete saved index"
+    else:
+        why = f"the shard's change log does not reach back to the index's save (write {saved})"
+    log.info("shard %d: index rebuilt from LMDB: %s", shard.shard_id, why)
     # The rebuild rewrites the index's LMDB lists before its files: drop the commit first so
     # a crash in between cannot pair a matching `seq` with half-rebuilt lists.
     drop_commit(shard)
     return build_index(shard, info, seed)
+
+
+def replay_changes(shard: Shard, index: VectorIndex, ids: np.ndarray, batch: int = 4096) -> None:
+    """Bring an index saved at an earlier write up to the shard: every id written since is
+    removed, and added back with its stored vector and tenants if the shard still holds it.
+    Replaying an id the index already reflects is harmless (remove then add is an upsert)."""
+    recover = getattr(index, "recover", None)
+    if recover is not None:  # summaries the index derives from its on-disk state (SPANN)
+        recover()
+    for start in range(0, len(ids), batch):
+        part = ids[start:start + batch]
+        index.remove(part)
+        present = part[shard.contains(part.tolist())]
+        if len(present):
+            passages = shard.get(present.tolist())
+            index.add(present, shard.get_vectors(present.tolist()), [p.tenants for p in passages])
+    recount = getattr(index, "recount", None)
+    if recount is not None:  # an index that cannot tell a re-added id from a new one (SPANN)
+        recount(len(shard))
 
 
 def _load_verified(shard: Shard, info: IndexInfo, d: Path, seq: int) -> VectorIndex:

@@ -1,8 +1,10 @@
 """One shard: an LMDB environment with named databases for passages, vectors and meta.
 
-Every write is one transaction that also bumps the shard's write sequence; indexes saved
-beside the shard record the sequence they reflect, so a stale index is detected on open
-and rebuilt.
+Every write is one transaction that also bumps the shard's write sequence and logs the ids
+it touched under that sequence (the `changes` database). An index saved beside the shard
+records the sequence it reflects; on open, an index behind the shard catches up by replaying
+the ids logged since (`changes_since`) instead of being rebuilt. The log is trimmed up to
+each save (`trim_changes`), so it holds only what the saved index has not seen.
 
 Durability: the environment is opened with LMDB's defaults spelled out (sync=True,
 metasync=True, writemap=False, map_async=False), so a commit returns only after the data
@@ -39,7 +41,7 @@ from datastore.errors import FailedPrecondition, ResourceExhausted
 from datastore.integrity import check_lmdb, write_failed_for_space
 from datastore.records import Passage, decode_vectors, encode_vector, key, key_id
 
-DATABASES = ("passages", "vectors", "codes", "postings", "meta")
+DATABASES = ("passages", "vectors", "codes", "postings", "meta", "changes")
 SEQ_KEY = b"seq"
 NEXT_ID_KEY = b"next_id"
 #: meta key of the shard's identity: {"datastore_id", "shard_id", "dim", "vector_dtype"}.
@@ -49,6 +51,10 @@ RECORD_CHECKSUM_KEY = b"record_checksum"
 _CRC = struct.Struct(">I")
 #: Databases every shard has from its creation: a store without them is not a shard.
 REQUIRED_DATABASES = ("passages", "vectors", "meta")
+#: Databases shards made by older versions lack: a read-only open goes on without them.
+OPTIONAL_DATABASES = ("changes",)
+#: Room for the databases an index keeps beside the shard's (SPANN's head table, versions).
+MAX_DATABASES = 16
 INITIAL_MAP_SIZE = 1 << 30
 _U64 = struct.Struct(">Q")
 T = TypeVar("T")
@@ -79,7 +85,7 @@ class Shard:
         self.path.mkdir(parents=True, exist_ok=True)
         fresh = not data.exists()
         try:
-            self.env = lmdb.open(str(self.path), map_size=INITIAL_MAP_SIZE, max_dbs=len(DATABASES),
+            self.env = lmdb.open(str(self.path), map_size=INITIAL_MAP_SIZE, max_dbs=MAX_DATABASES,
                                  max_readers=512, readonly=readonly, lock=not readonly, readahead=False,
                                  sync=True, metasync=True, writemap=False, map_async=False)
         except lmdb.Error as e:
@@ -91,7 +97,12 @@ class Shard:
             self.db = {}
             for name in DATABASES:
                 must_exist = readonly or (not fresh and name in REQUIRED_DATABASES)
-                self.db[name] = self.env.open_db(name.encode(), create=not must_exist)
+                try:
+                    self.db[name] = self.env.open_db(name.encode(), create=not must_exist)
+                except lmdb.NotFoundError:
+                    if not (readonly and name in OPTIONAL_DATABASES):
+                        raise
+                    self.db[name] = None
         except lmdb.Error as e:
             self.env.close()
             what = "holds no shard of a datastore" if isinstance(e, (lmdb.NotFoundError, lmdb.IncompatibleError)) \
@@ -175,17 +186,22 @@ class Shard:
 
     # -- writes ---------------------------------------------------------------------------------
 
-    def _write(self, fn: Callable[[lmdb.Transaction], T], need: int = 0) -> T:
+    def _write(self, fn: Callable[[lmdb.Transaction], T], need: int = 0,
+               touched: Callable[[T], Sequence[int]] | None = None) -> T:
         """Run `fn` in one write transaction, growing the map when it fills; a full disk is
         ResourceExhausted and leaves the shard as it was (`need`: bytes the write adds, to
-        tell a full disk from a failing one)."""
+        tell a full disk from a failing one). `touched(result)`: the passage ids the write
+        changed, logged under its sequence number in the same transaction."""
         with self._write_lock:
             while True:
                 try:
                     with self.env.begin(write=True) as txn:
                         out = fn(txn)
                         seq = txn.get(SEQ_KEY, db=self.db["meta"])
-                        txn.put(SEQ_KEY, _U64.pack((_U64.unpack(seq)[0] if seq else 0) + 1), db=self.db["meta"])
+                        seq = (_U64.unpack(seq)[0] if seq else 0) + 1
+                        txn.put(SEQ_KEY, _U64.pack(seq), db=self.db["meta"])
+                        ids = np.asarray(touched(out) if touched else (), ">i8")
+                        txn.put(_U64.pack(seq), ids.tobytes(), db=self.db["changes"])
                         return out
                 except lmdb.MapFullError:
                     self.env.set_mapsize(self.env.info()["map_size"] * 2)
@@ -215,7 +231,8 @@ class Shard:
             if old is None or _U64.unpack(old)[0] < top:
                 txn.put(NEXT_ID_KEY, _U64.pack(top), db=self.db["meta"])
 
-        self._write(fn, need=sum(len(r) + len(v) + 64 for _, r, v in records))
+        self._write(fn, need=sum(len(r) + len(v) + 72 for _, r, v in records),
+                    touched=lambda _: [p.id for p in passages])
 
     def delete(self, ids: Sequence[int]) -> list[int]:
         """Delete ids atomically; returns those that existed."""
@@ -230,10 +247,51 @@ class Shard:
                     gone.append(int(i))
             return gone
 
-        return self._write(fn)
+        return self._write(fn, touched=lambda gone: gone)
 
     def put_meta(self, name: str, value: bytes) -> None:
         self._write(lambda txn: txn.put(name.encode(), value, db=self.db["meta"]))
+
+    def changes_since(self, seq: int) -> np.ndarray | None:
+        """Ids written (put or deleted) after write `seq`, sorted and unique; None when the log
+        does not reach back that far (trimmed past it, or a shard made before the log)."""
+        now = self.seq
+        if seq > now:
+            return None
+        if seq == now:
+            return np.zeros(0, np.int64)
+        db = self.db["changes"]
+        if db is None:
+            return None
+        parts, expect = [], seq + 1
+        with self._reading(), self.env.begin(buffers=True) as txn:
+            cur = txn.cursor(db=db)
+            if not cur.set_range(_U64.pack(expect)):
+                return None
+            for k, v in cur:
+                n = _U64.unpack(bytes(k))[0]
+                if n != expect:  # a gap: some write's ids are not logged
+                    return None
+                parts.append(np.frombuffer(bytes(v), ">i8"))
+                expect += 1
+                if n == now:
+                    break
+        if expect != now + 1:
+            return None
+        return np.unique(np.concatenate(parts).astype(np.int64)) if parts else np.zeros(0, np.int64)
+
+    def trim_changes(self, upto: int) -> None:
+        """Forget the log of writes up to `upto` (an index reflecting them is saved). Does not
+        bump the write sequence."""
+        db = self.db["changes"]
+        if db is None:
+            return
+        with self._write_lock, self.env.begin(write=True) as txn:
+            cur = txn.cursor(db=db)
+            if not cur.first():
+                return
+            while (k := cur.key()) and _U64.unpack(k)[0] <= upto:
+                cur.delete()  # moves to the next record
 
     # -- reads ----------------------------------------------------------------------------------
 
@@ -267,6 +325,9 @@ class Shard:
                 blobs = [txn.get(k, db=self.db["vectors"]) for k in keys]
             if any(b is None for b in blobs):
                 missing = [int(i) for i, b in zip(ids, blobs) if b is None]
+                stored = [i for i, found in zip(missing, self.contains(missing)) if found]
+                if stored:  # a passage without its vector: written together, so the file is damaged
+                    raise self._damaged(f"passages {stored[:10]} have no vector")
                 raise KeyError(f"no vectors for ids {missing[:10]}")
             return decode_vectors([self._unseal(k, b, "vectors") for k, b in zip(keys, blobs)], self.vector_dtype,
                                   self.dim)

@@ -20,20 +20,12 @@ updated in place the SPFresh way (LIRE: split, reassign, merge; versions for sta
   floats, scanned by SDC; the best k x oversample are reranked with float vectors read by
   id from the `vectors` database beside the postings.
 
-Why a crash still costs a rebuild (datastore/indexing.py rebuilds when the saved shard `seq`
-differs). The lists are written in their own LMDB transactions as updates happen, but the
-head table (centroids, alive flags), the per-id versions and tombstones, and the tenant map
-live in memory and reach disk only at `save`. After a kill between saves the lists are newer
-than spann.npz: a split since the save left lists under head ids the saved table lacks
-(their vectors unreachable) and deleted the list of the head it replaced; entries appended
-since carry versions the saved table calls stale; tombstones since are lost. And the
-datastore commits a passage (Shard.put) before it updates the index, in a second
-transaction, so a kill between the two leaves an acknowledged passage out of the index.
-Reopening without a rebuild needs both (1) the head table, versions and tombstones kept in
-LMDB and written in the same transaction as the lists they describe
-(LmdbBlobStore.write_many writes databases of one environment in one transaction), and
-(2) the index update inside the shard's transaction, or a shard log of the ids each `seq`
-changed, replayed from the index's recorded `seq` on open.
+Crashes (index/spann_state.py): the head table, the per-id versions and tombstones and the
+counters live in LMDB beside the lists and change in the same transaction as the lists they
+describe, so a reopened index always matches its lists. The per-list tenant summaries are
+derived from the lists and recomputed by `recover` after a crash. Writes acknowledged by a
+datastore shard but not yet applied here are replayed from the shard's change log
+(datastore/indexing.py): a kill costs the work since the last save, not a rebuild.
 """
 
 from __future__ import annotations
@@ -65,6 +57,7 @@ from index.postings import Posting
 from index.spann_build import BulkBuild
 from index.spann_codes import BinaryRows, FloatRows, candidates_wanted, rerank
 from index.spann_heads import HeadIndex, refine_heads
+from index.spann_state import SpannState
 from index.spann_tenants import TenantMap
 from index.storage import VECTORS_DB, BlobStore, LmdbBlobStore, ReadStats, VectorStore
 
@@ -164,6 +157,8 @@ class SpannIndex(BulkBuild):
             self._scratch = Path(tempfile.mkdtemp(prefix="spann-"))
             storage = LmdbBlobStore.open(self._scratch / POSTINGS_DIR)
         self.store = storage
+        # durable head table and versions beside the lists (none over a non-LMDB store)
+        self.state = SpannState(storage) if isinstance(storage, LmdbBlobStore) else None
         self.heads = HeadIndex(dim, self.config.hnsw_threshold, self.config.hnsw_m)
         self.max_posting = self.config.max_posting
         self._versions: dict[int, int] = {}
@@ -209,6 +204,8 @@ class SpannIndex(BulkBuild):
             self._sample = sample
             self.heads.reset(np.zeros((0, self.dim), np.float32))
             self.store.clear()
+            if self.state is not None:
+                self.state.clear()
             if self._writes_floats:
                 self.floats.store.clear()
             self._versions, self._deleted, self.tenants, self._count = {}, set(), TenantMap(), 0
@@ -277,6 +274,16 @@ class SpannIndex(BulkBuild):
     def _width(self) -> int:
         """Elements per list entry row (dim for floats, bits x words for codes)."""
         return self.rows.width if self.rows is not None else self.dim
+
+    def _commit(self, lists: dict[int, bytes] | None = None, list_deletes: Sequence[int] = (),
+                heads: dict[int, np.ndarray] | None = None, head_deletes: Sequence[int] = (),
+                versions: dict[int, tuple[int, bool]] | None = None) -> None:
+        """Lists with the heads, versions and counters that describe them, in one transaction."""
+        if self.state is None:
+            self.store.write(lists or {}, list_deletes)
+            return
+        self.state.commit({"count": self._count, "max_posting": self.max_posting}, lists, list_deletes,
+                          heads, head_deletes, versions)
 
     def _floats_of(self, p: Posting) -> tuple[Posting, np.ndarray]:
         """(p, its float32 vectors): from the entries themselves, or read by id for codes
@@ -464,7 +471,7 @@ class SpannIndex(BulkBuild):
             self.tenants.note_posting(h, p.ids[self._valid(p)])
             if len(p) > self.max_posting:
                 oversized.append(h)
-        self.store.write(puts)
+        self._commit(puts, versions={i: (v, False) for i, v in zip(ids.tolist(), versions.tolist())})
         for h in oversized:
             if self.heads.alive[h]:
                 self._split(h, depth)
@@ -474,7 +481,7 @@ class SpannIndex(BulkBuild):
         p = codec.decode(blob, self._width)
         p, vecs = self._floats_of(p.take(self._valid(p)))
         if len(p) <= self.max_posting or depth > 4 or len(p) < 2:
-            self.store.write({head: codec.encode(p, self.config.compress)})
+            self._commit({head: codec.encode(p, self.config.compress)})
             self.tenants.note_posting(head, p.ids)
             return
         centroids, assign = balanced_kmeans(vecs, 2, slack=1.2, seed=self.config.seed + head)
@@ -482,7 +489,7 @@ class SpannIndex(BulkBuild):
         self.heads.remove(head)
         new_heads = self.heads.add(centroids)
         puts = {int(h): codec.encode(p.take(assign == c), self.config.compress) for c, h in enumerate(new_heads)}
-        self.store.write(puts, deletes=[head])
+        self._commit(puts, [head], heads={int(h): c for h, c in zip(new_heads, centroids)}, head_deletes=[head])
         self.tenants.forget_posting(head)
         for c, h in enumerate(new_heads):
             self.tenants.note_posting(int(h), p.ids[assign == c])
@@ -519,17 +526,21 @@ class SpannIndex(BulkBuild):
         ids = np.asarray(ids, np.int64).ravel()
         with self._lock:
             new = [i for i in ids.tolist() if i not in self._deleted]
+            if not new:
+                return 0
             self._deleted.update(new)
             self.tenants.drop(new)
-            if self._writes_floats and new:
+            if self._writes_floats:
                 self.floats.delete(new)
             self._count = max(0, self._count - len(new))
+            self._commit(versions={i: (self._versions.get(i, 0), True) for i in new})
         return len(new)
 
     def compact(self) -> None:
         """Merge tiny lists into their neighbours (their vectors are reinserted), then rewrite
         every list without stale or deleted entries and reset versions: afterwards every
-        stored entry is current and no tombstone is needed."""
+        stored entry is current and no tombstone is needed. Not one transaction: a datastore
+        compacts through datastore.indexing.compact_index, which rebuilds after a crash."""
         with self._lock:
             self._seal()
             orphan_ids, orphan_vecs = [], []
@@ -541,7 +552,7 @@ class SpannIndex(BulkBuild):
                 if len(p) < self.config.min_posting:
                     p, vecs = self._floats_of(p)
                     self.heads.remove(h)
-                    self.store.write({}, deletes=[h])
+                    self._commit(list_deletes=[h], head_deletes=[h])
                     self.tenants.forget_posting(h)
                     orphan_ids.append(p.ids)
                     orphan_vecs.append(vecs)
@@ -556,6 +567,8 @@ class SpannIndex(BulkBuild):
                                                   self.config.compress)})
                 self.tenants.note_posting(h, p.ids)
             self._versions, self._deleted, self._filter_cache = {}, set(), None
+            if self.state is not None:  # every entry is at version 0 now: no record is needed
+                self.state.versions.clear()
 
     # -- persistence ----------------------------------------------------------------------------
 
@@ -564,15 +577,20 @@ class SpannIndex(BulkBuild):
         directory.mkdir(parents=True, exist_ok=True)
         with self._lock:
             self._seal()
-            np.savez(directory / ARRAYS_FILE, heads=self.heads.vectors, alive=self.heads.alive,
-                     version_ids=np.fromiter(self._versions.keys(), np.int64, len(self._versions)),
-                     version_vals=np.fromiter(self._versions.values(), np.int64, len(self._versions)),
-                     deleted=np.fromiter(self._deleted, np.int64, len(self._deleted)))
+            if self.state is not None:
+                self._commit()  # the counters, in case nothing was written since the seal
+                (directory / ARRAYS_FILE).unlink(missing_ok=True)  # left by an older save
+            else:
+                np.savez(directory / ARRAYS_FILE, heads=self.heads.vectors, alive=self.heads.alive,
+                         version_ids=np.fromiter(self._versions.keys(), np.int64, len(self._versions)),
+                         version_vals=np.fromiter(self._versions.values(), np.int64, len(self._versions)),
+                         deleted=np.fromiter(self._deleted, np.int64, len(self._deleted)))
             if isinstance(self.rows, BinaryRows):
                 self.rows.binarizer.save(directory / BINARIZER_FILE)
             state = {"dim": self.dim, "metric": self.metric, "config": asdict(self.config),
                      "max_posting": self.max_posting, "count": self._count,
-                     "tenant_map": self.tenants.state(), "binarizer": isinstance(self.rows, BinaryRows)}
+                     "tenant_map": self.tenants.state(), "binarizer": isinstance(self.rows, BinaryRows),
+                     "state": "lmdb" if self.state is not None else "files"}
             (directory / STATE_FILE).write_text(json.dumps(state))
             if isinstance(self.store, LmdbBlobStore) and self.store._owned:
                 target = directory / POSTINGS_DIR
@@ -589,10 +607,21 @@ class SpannIndex(BulkBuild):
         if storage is None:
             storage = LmdbBlobStore.open(directory / POSTINGS_DIR)
         index = cls(state["dim"], state["metric"], storage=storage, **state["config"])
-        arrays = np.load(directory / ARRAYS_FILE)
-        index.heads.reset(arrays["heads"], arrays["alive"])
-        index._versions = dict(zip(arrays["version_ids"].tolist(), arrays["version_vals"].tolist()))
-        index._deleted = set(arrays["deleted"].tolist())
+        index.max_posting, index._count = state["max_posting"], state["count"]
+        if state.get("state") == "lmdb":
+            if index.state is None:
+                raise ValueError(f"{directory}: this SPANN index keeps its state in LMDB; open it over an LMDB store")
+            persisted = index.state.load(index.dim)
+            if persisted is not None:  # else nothing was ever committed: an empty index
+                vectors, alive, index._versions, index._deleted, meta = persisted
+                index.heads.reset(vectors, alive)
+                index.max_posting, index._count = meta["max_posting"], meta["count"]
+        else:  # an older save: heads and versions in spann.npz, lists possibly ahead of them
+            arrays = np.load(directory / ARRAYS_FILE)
+            index.heads.reset(arrays["heads"], arrays["alive"])
+            index._versions = dict(zip(arrays["version_ids"].tolist(), arrays["version_vals"].tolist()))
+            index._deleted = set(arrays["deleted"].tolist())
+            index.replayable = False
         if state.get("binarizer"):
             from index.binarizer import Binarizer
             index.rows = BinaryRows(Binarizer.load(directory / BINARIZER_FILE))
@@ -603,10 +632,31 @@ class SpannIndex(BulkBuild):
             for h, blob in index.store.items():
                 p = codec.decode(blob, index._width)
                 index.tenants.note_posting(h, p.ids[index._valid(p)])
-        index.max_posting = state["max_posting"]
-        index._count = state["count"]
         index._saved_dir = directory
         return index
+
+    #: Whether writes made after a save can be replayed onto the saved index (not for saves
+    #: that kept the head table in files: the lists may have moved on past them).
+    replayable = True
+
+    def recount(self, live: int) -> None:
+        """Set the vector count to `live` (the datastore's count after a replay: ids logged
+        but never applied were counted out by the replay's remove)."""
+        with self._lock:
+            self._count = live
+            self._commit()
+
+    def recover(self) -> None:
+        """After a crash: recompute the per-list tenant summaries from the lists (a split or
+        an insert since the save changed lists the saved summaries describe)."""
+        with self._lock:
+            if not self.tenants:
+                return
+            self.tenants.clear_postings()
+            for h, blob in self.store.items():
+                if h < len(self.heads.alive) and self.heads.alive[h]:
+                    p = codec.decode(blob, self._width)
+                    self.tenants.note_posting(h, p.ids[self._valid(p)])
 
     def stats(self) -> IndexStats:
         codes = self.rows.memory_bytes() if isinstance(self.rows, BinaryRows) else 0

@@ -97,6 +97,11 @@ class BulkBuild:
         self._spill_grouped(grouped, pending, seq)
         self._raw.close()  # unmap the staged rows: their pages count in RSS until then
         self._raw = None
+        # lists left by a seal that a crash cut short; the head table goes in with the last
+        # batch of lists, so until then the index reopens empty
+        self.store.clear()
+        if self.state is not None:
+            self.state.clear(versions=False)
         batch: dict[int, bytes] = {}
         batch_bytes, head, parts = 0, None, []
         for key, blob in grouped.items():  # keys sort by head, then by spill
@@ -112,7 +117,8 @@ class BulkBuild:
             parts.append(codec.decode(blob, self.dim))
         if parts:
             batch[head] = self._finish_posting(head, parts)
-        self.store.write(batch)
+        alive = np.flatnonzero(self.heads.alive)
+        self._commit(batch, heads=dict(zip(alive.tolist(), self.heads.vectors[alive])))
         grouped.close()
         self._drop_spills()
 

@@ -110,7 +110,7 @@ class LmdbBlobStore:
         """A private environment in `directory` (created when absent)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        env = lmdb.open(str(directory), map_size=map_size, max_dbs=2, readahead=False, max_readers=512)
+        env = lmdb.open(str(directory), map_size=map_size, max_dbs=8, readahead=False, max_readers=512)
         return cls(env, env.open_db(b"postings"), directory, owned=True)
 
     def get_many(self, keys: Sequence[int]) -> list[bytes | None]:
