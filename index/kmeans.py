@@ -98,7 +98,8 @@ def hierarchical_heads(x: np.ndarray, leaf_size: int, *, branching: int = 16, sl
             continue
         k = max(2, min(branching, math.ceil(len(idx) / leaf_size)))
         level_seed += 1
-        _, assign = balanced_kmeans(x[idx], k, slack=slack, seed=level_seed)
+        # the root is all of x: no copy of the whole training sample
+        _, assign = balanced_kmeans(x if len(idx) == len(x) else x[idx], k, slack=slack, seed=level_seed)
         for c in range(k):
             part = idx[assign == c]
             if len(part) == len(idx):  # cannot split (identical points): keep as one leaf

@@ -27,7 +27,7 @@ class BulkBuild:
     """Staging, sealing and scratch stores of SpannIndex's bulk build."""
 
     #: Rows per staged blob: bounds the memory of a bulk build whatever the size of one add.
-    STAGE_ROWS = 65_536
+    STAGE_ROWS = 16_384
 
     def _spill_store(self, name: str) -> LmdbBlobStore:
         """A scratch LMDB beside the posting store (in the shard directory when there is one)."""
@@ -76,24 +76,30 @@ class BulkBuild:
         self._choose_heads(sample, self._count)
         if self.config.codes == "binary":
             self._train_codes(sample)
-        self._sample = None
+        self._sample = sample = None  # the sample is done with: let it go before the assignment
         grouped = self._spill_store("grouped")
         pending: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
         pending_bytes, seq = 0, 0
+        # floats until each list is finished (capping measures distances; codes come last)
+        dtype = self.config.vector_dtype if self.config.codes == "float" else np.float32
+        row_bytes = self.dim * np.dtype(dtype).itemsize * self.config.replicas
+        step = max(256, self.config.stage_bytes // (4 * row_bytes))  # rows whose replicas fit a quarter
         for _, blob in self._raw.items():
-            p = codec.decode(blob, self.dim)
-            heads = self._assign(p.vectors)
-            rep = np.fromiter((len(h) for h in heads), np.int64, len(heads))
-            rows = np.repeat(np.arange(len(p)), rep)
-            primary = np.zeros(len(rows), np.uint16)
-            primary[np.concatenate([[0], np.cumsum(rep)[:-1]])] = 1  # the nearest head comes first
-            # floats until each list is finished (capping measures distances; codes come last)
-            vecs = p.vectors[rows].astype(self.config.vector_dtype if self.config.codes == "float" else np.float32)
-            pending.append((np.concatenate(heads).astype(np.int64), p.ids[rows], primary, vecs))
-            pending_bytes += vecs.nbytes
-            if pending_bytes >= self.config.stage_bytes:
-                self._spill_grouped(grouped, pending, seq)
-                pending, pending_bytes, seq = [], 0, seq + 1
+            staged = codec.decode(blob, self.dim)
+            for start in range(0, len(staged), step):
+                p = staged.take(slice(start, start + step))
+                heads = self._assign(p.vectors)
+                rep = np.fromiter((len(h) for h in heads), np.int64, len(heads))
+                rows = np.repeat(np.arange(len(p)), rep)
+                primary = np.zeros(len(rows), np.uint16)
+                primary[np.concatenate([[0], np.cumsum(rep)[:-1]])] = 1  # the nearest head comes first
+                vecs = p.vectors[rows].astype(dtype, copy=False)
+                pending.append((np.concatenate(heads).astype(np.int64), p.ids[rows], primary, vecs))
+                pending_bytes += vecs.nbytes
+                if pending_bytes >= self.config.stage_bytes:
+                    self._spill_grouped(grouped, pending, seq)
+                    pending, pending_bytes, seq = [], 0, seq + 1
+            staged = p = None  # before the next blob is read
         self._spill_grouped(grouped, pending, seq)
         self._raw.close()  # unmap the staged rows: their pages count in RSS until then
         self._raw = None
