@@ -328,7 +328,8 @@ def serve(directory, host, port, shard_list, router, shard_servers, partial_resu
         stop = threading.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
-        stop.wait()
+        while not stop.wait(0.5):  # a timed wait lets the main thread run the signal handler
+            pass
         stop_server(server, config)
     finally:
         store.close()

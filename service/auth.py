@@ -8,13 +8,14 @@ reflection stay open, as probes need them.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextvars import ContextVar
-from typing import Callable
 
 import grpc
 
 from datastore.control import Principal
 from datastore.errors import PermissionDenied
+from service.interceptors import wrap_handler
 
 PRINCIPAL: ContextVar[Principal | None] = ContextVar("principal", default=None)
 API_KEY: ContextVar[str | None] = ContextVar("api_key", default=None)
@@ -42,7 +43,7 @@ class AuthInterceptor(grpc.ServerInterceptor):
             return handler
         key = key_from_metadata(handler_call_details.invocation_metadata)
 
-        def wrap(behavior: Callable) -> Callable:
+        def wrap(behavior: Callable, _streaming: bool) -> Callable:
             def run(request_or_iterator, context):
                 principal = self.authenticate(key) if self.authenticate is not None else None
                 t1, t2 = PRINCIPAL.set(principal), API_KEY.set(key)
@@ -53,13 +54,7 @@ class AuthInterceptor(grpc.ServerInterceptor):
                     API_KEY.reset(t2)
             return run
 
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(wrap(handler.unary_unary), handler.request_deserializer,
-                                                       handler.response_serializer)
-        if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(wrap(handler.stream_unary), handler.request_deserializer,
-                                                        handler.response_serializer)
-        return handler
+        return wrap_handler(handler, wrap)
 
 
 def require_admin(action: str) -> None:

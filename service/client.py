@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Self
 
 import grpc
 import numpy as np
@@ -51,7 +51,7 @@ class DatastoreClient:
         self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else None
         self._stub = pb_grpc.DatastoreStub(self._channel)
 
-    def __enter__(self) -> DatastoreClient:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:

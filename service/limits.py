@@ -33,6 +33,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from service.auth import OPEN_SERVICES, key_from_metadata
+from service.interceptors import wrap_handler
 from service.metrics import GUARD_REFUSALS
 
 log = logging.getLogger(__name__)
@@ -350,16 +351,4 @@ class GuardInterceptor(grpc.ServerInterceptor):
 
             return run
 
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(
-                wrap(handler.unary_unary, False),
-                _safe(handler.request_deserializer),
-                handler.response_serializer,
-            )
-        if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(
-                wrap(handler.stream_unary, True),
-                _safe(handler.request_deserializer),
-                handler.response_serializer,
-            )
-        return handler  # server-streaming (health Watch, reflection): open-ended by design
+        return wrap_handler(handler, wrap, _safe)  # server-streaming ones pass as they are

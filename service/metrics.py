@@ -13,6 +13,8 @@ import grpc
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 
+from service.interceptors import wrap_handler
+
 REGISTRY = CollectorRegistry(auto_describe=True)
 REQUESTS = Counter("datastore_requests_total", "RPCs handled", ["method", "code"], registry=REGISTRY)
 LATENCY = Histogram("datastore_request_seconds", "RPC latency", ["method"], registry=REGISTRY,
@@ -35,7 +37,7 @@ class MetricsInterceptor(grpc.ServerInterceptor):
             return None
         method = handler_call_details.method.rsplit("/", 1)[-1]
 
-        def wrap(behavior: Callable) -> Callable:
+        def wrap(behavior: Callable, _streaming: bool) -> Callable:
             def run(request_or_iterator, context):
                 t = time.perf_counter()
                 code = "OK"
@@ -49,13 +51,7 @@ class MetricsInterceptor(grpc.ServerInterceptor):
                     REQUESTS.labels(method, code).inc()
             return run
 
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(wrap(handler.unary_unary), handler.request_deserializer,
-                                                       handler.response_serializer)
-        if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(wrap(handler.stream_unary), handler.request_deserializer,
-                                                        handler.response_serializer)
-        return handler
+        return wrap_handler(handler, wrap)
 
 
 class _StatsCollector:

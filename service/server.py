@@ -14,9 +14,10 @@ process answers, for liveness probes that must not restart a router whose shards
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -27,11 +28,12 @@ from datastore.store import Datastore
 
 if TYPE_CHECKING:
     from service.router import Router
-from service.pb import datastore_pb2 as pb
-from service.pb import datastore_pb2_grpc as pb_grpc
 from service.auth import AuthInterceptor
+from service.interceptors import wrap_handler
 from service.limits import GuardInterceptor, ServiceLimits
 from service.metrics import MetricsInterceptor
+from service.pb import datastore_pb2 as pb
+from service.pb import datastore_pb2_grpc as pb_grpc
 from service.servicer import DatastoreServicer
 from service.status import to_status
 
@@ -67,7 +69,7 @@ class ErrorInterceptor(grpc.ServerInterceptor):
         if handler is None:
             return None
 
-        def wrap(behavior: Callable) -> Callable:
+        def wrap(behavior: Callable, _streaming: bool) -> Callable:
             def run(request_or_iterator: Any, context: grpc.ServicerContext):
                 try:
                     return behavior(request_or_iterator, context)
@@ -82,16 +84,10 @@ class ErrorInterceptor(grpc.ServerInterceptor):
                     context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server log")
             return run
 
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(wrap(handler.unary_unary), handler.request_deserializer,
-                                                       handler.response_serializer)
-        if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(wrap(handler.stream_unary), handler.request_deserializer,
-                                                        handler.response_serializer)
-        return handler
+        return wrap_handler(handler, wrap)
 
 
-def _authenticator(store) -> "Callable[[str | None], object] | None":
+def _authenticator(store) -> Callable[[str | None], object] | None:
     """Keys are enforced from the moment the datastore holds one (checked per call, so a
     key created while serving takes effect at once). A router has no keys of its own: it
     forwards the caller's key and its shard servers decide."""
@@ -101,7 +97,7 @@ def _authenticator(store) -> "Callable[[str | None], object] | None":
     return lambda key: control.authenticate(key) if control.has_keys() else None
 
 
-def create_server(store: "Datastore | Router", address: str = "127.0.0.1:0",
+def create_server(store: Datastore | Router, address: str = "127.0.0.1:0",
                   config: ServerConfig = ServerConfig()) -> tuple[grpc.Server, int]:
     """A started server bound to `address` (port 0 picks a free one); returns (server, port)."""
     server = grpc.server(
