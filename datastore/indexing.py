@@ -88,7 +88,10 @@ def save_index(shard: Shard, index: VectorIndex, seq: int | None = None) -> None
         index.save(d)
         record_checksums(d, files_under(d, skip=(SEQ_FILE,)), {"seq": seq})
         atomic_write(d / SEQ_FILE, str(seq).encode())
-        shard.trim_changes(seq)
+        try:
+            shard.trim_changes(seq)
+        except Exception as e:  # noqa: BLE001 -- the save stands; a longer log only costs space
+            log.warning("shard %d: could not trim the change log up to write %d: %s", shard.shard_id, seq, e)
     except Exception as e:  # faiss reports a failed write as RuntimeError, numpy and json as OSError
         if write_failed_for_space(e, d):
             (d / SEQ_FILE).unlink(missing_ok=True)

@@ -280,18 +280,24 @@ class Shard:
             return None
         return np.unique(np.concatenate(parts).astype(np.int64)) if parts else np.zeros(0, np.int64)
 
-    def trim_changes(self, upto: int) -> None:
-        """Forget the log of writes up to `upto` (an index reflecting them is saved). Does not
-        bump the write sequence."""
+    def trim_changes(self, upto: int, chunk: int = 10_000) -> None:
+        """Forget the log of writes up to `upto` (an index reflecting them is saved), `chunk`
+        records per transaction so a build's long log never makes one huge transaction.
+        Does not bump the write sequence."""
         db = self.db["changes"]
         if db is None:
             return
-        with self._write_lock, self.env.begin(write=True) as txn:
-            cur = txn.cursor(db=db)
-            if not cur.first():
-                return
-            while (k := cur.key()) and _U64.unpack(k)[0] <= upto:
-                cur.delete()  # moves to the next record
+        more = True
+        while more:
+            with self._write_lock, self.env.begin(write=True) as txn:
+                cur = txn.cursor(db=db)
+                more = cur.first()
+                for _ in range(chunk):
+                    k = cur.key() if more else b""
+                    if not k or _U64.unpack(k)[0] > upto:
+                        more = False
+                        break
+                    cur.delete()  # moves to the next record (none: the key reads empty)
 
     # -- reads ----------------------------------------------------------------------------------
 

@@ -159,6 +159,8 @@ class SpannIndex(BulkBuild):
         self.store = storage
         # durable head table and versions beside the lists (none over a non-LMDB store)
         self.state = SpannState(storage) if isinstance(storage, LmdbBlobStore) else None
+        #: loaded from a save that kept heads and versions in files: LMDB holds none of them yet
+        self._state_unwritten = False
         self.heads = HeadIndex(dim, self.config.hnsw_threshold, self.config.hnsw_m)
         self.max_posting = self.config.max_posting
         self._versions: dict[int, int] = {}
@@ -182,6 +184,7 @@ class SpannIndex(BulkBuild):
         self._sample: np.ndarray | None = None
         self._raw: LmdbBlobStore | None = None
         self._raw_seq = 0
+        self._staged_ids: list[np.ndarray] = []
         self._spills: list[Path] = []
         self._sealed = True
 
@@ -209,6 +212,7 @@ class SpannIndex(BulkBuild):
             if self._writes_floats:
                 self.floats.store.clear()
             self._versions, self._deleted, self.tenants, self._count = {}, set(), TenantMap(), 0
+            self._staged_ids = []
             if self.config.codes == "binary":
                 self.rows = None
             self._filter_cache = None
@@ -277,13 +281,21 @@ class SpannIndex(BulkBuild):
 
     def _commit(self, lists: dict[int, bytes] | None = None, list_deletes: Sequence[int] = (),
                 heads: dict[int, np.ndarray] | None = None, head_deletes: Sequence[int] = (),
-                versions: dict[int, tuple[int, bool]] | None = None) -> None:
+                versions: dict[int, tuple[int, bool]] | None = None, version_deletes: Sequence[int] = ()) -> None:
         """Lists with the heads, versions and counters that describe them, in one transaction."""
         if self.state is None:
             self.store.write(lists or {}, list_deletes)
             return
+        if self._state_unwritten:  # loaded from an older save: write the whole state first
+            self._state_unwritten = False
+            live = np.flatnonzero(self.heads.alive)
+            all_versions = {i: (v, i in self._deleted) for i, v in self._versions.items()}
+            all_versions.update({i: (self._versions.get(i, 0), True) for i in self._deleted})
+            self.state.clear()
+            self.state.commit({"count": self._count, "max_posting": self.max_posting},
+                              heads=dict(zip(live.tolist(), self.heads.vectors[live])), versions=all_versions)
         self.state.commit({"count": self._count, "max_posting": self.max_posting}, lists, list_deletes,
-                          heads, head_deletes, versions)
+                          heads, head_deletes, versions, version_deletes)
 
     def _floats_of(self, p: Posting) -> tuple[Posting, np.ndarray]:
         """(p, its float32 vectors): from the entries themselves, or read by id for codes
@@ -622,6 +634,7 @@ class SpannIndex(BulkBuild):
             index._versions = dict(zip(arrays["version_ids"].tolist(), arrays["version_vals"].tolist()))
             index._deleted = set(arrays["deleted"].tolist())
             index.replayable = False
+            index._state_unwritten = index.state is not None
         if state.get("binarizer"):
             from index.binarizer import Binarizer
             index.rows = BinaryRows(Binarizer.load(directory / BINARIZER_FILE))
@@ -648,10 +661,10 @@ class SpannIndex(BulkBuild):
 
     def recover(self) -> None:
         """After a crash: recompute the per-list tenant summaries from the lists (a split or
-        an insert since the save changed lists the saved summaries describe)."""
+        an insert since the save changed lists the saved summaries describe). Reads every
+        list once, even when no id is restricted: the summaries also count public entries,
+        which a later grant's probes rely on."""
         with self._lock:
-            if not self.tenants:
-                return
             self.tenants.clear_postings()
             for h, blob in self.store.items():
                 if h < len(self.heads.alive) and self.heads.alive[h]:

@@ -46,7 +46,19 @@ class BulkBuild:
                 shutil.rmtree(d, ignore_errors=True)
 
     def _stage(self, ids: np.ndarray, vectors: np.ndarray) -> None:
-        """Bulk phase: keep raw (id, vector) rows in a scratch LMDB until the seal."""
+        """Bulk phase: keep raw (id, vector) rows in a scratch LMDB until the seal.
+
+        A staged id is current: an earlier tombstone or version of it no longer applies (the
+        seal writes entries at version 0), and if it is staged again only its last row counts."""
+        if self._deleted or self._versions:
+            known = [i for i in ids.tolist() if i in self._deleted or i in self._versions]
+            if known:
+                for i in known:
+                    self._deleted.discard(i)
+                    self._versions.pop(i, None)
+                self._filter_cache = None
+                self._commit(version_deletes=known)
+        self._staged_ids.append(np.array(ids, np.int64))
         if self._raw is None:
             self._raw = self._spill_store("raw")
         for start in range(0, len(ids), self.STAGE_ROWS):  # one blob at a time: memory stays flat
@@ -77,6 +89,7 @@ class BulkBuild:
         if self.config.codes == "binary":
             self._train_codes(sample)
         self._sample = sample = None  # the sample is done with: let it go before the assignment
+        last = self._last_staged_rows()
         grouped = self._spill_store("grouped")
         pending: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
         pending_bytes, seq = 0, 0
@@ -84,8 +97,11 @@ class BulkBuild:
         dtype = self.config.vector_dtype if self.config.codes == "float" else np.float32
         row_bytes = self.dim * np.dtype(dtype).itemsize * self.config.replicas
         step = max(256, self.config.stage_bytes // (4 * row_bytes))  # rows whose replicas fit a quarter
-        for _, blob in self._raw.items():
+        offset = 0
+        for _, blob in self._raw.items():  # in staging order (keys count up)
             staged = codec.decode(blob, self.dim)
+            if last is not None:
+                staged, offset = staged.take(last[offset:offset + len(staged)]), offset + len(staged)
             for start in range(0, len(staged), step):
                 p = staged.take(slice(start, start + step))
                 heads = self._assign(p.vectors)
@@ -127,6 +143,20 @@ class BulkBuild:
         self._commit(batch, heads=dict(zip(alive.tolist(), self.heads.vectors[alive])))
         grouped.close()
         self._drop_spills()
+
+    def _last_staged_rows(self) -> np.ndarray | None:
+        """Per staged row, whether it is its id's last (None when no id was staged twice);
+        the count drops the earlier rows."""
+        staged = np.concatenate(self._staged_ids) if self._staged_ids else np.zeros(0, np.int64)
+        self._staged_ids = []
+        rev = staged[::-1]
+        _, first = np.unique(rev, return_index=True)
+        if len(first) == len(staged):
+            return None
+        keep = np.zeros(len(staged), bool)
+        keep[len(staged) - 1 - first] = True
+        self._count -= len(staged) - len(first)
+        return keep
 
     #: Bytes of grouped blobs per scratch write transaction (LMDB keeps a transaction's
     #: dirty pages in anonymous memory until the commit).
