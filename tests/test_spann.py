@@ -324,3 +324,15 @@ def test_an_index_saved_in_the_older_file_format_keeps_its_heads_and_tombstones(
     assert _self_recall(new, x[keep], keep) >= 0.95
     hits = new.search(x[np.r_[100:200, 300]], 10, params=SearchParams(prune_epsilon=1.0, nprobe=16)).ids
     assert not set(hits.ravel().tolist()) & (set(range(100, 200)) | {300})
+
+
+def test_heads_are_capped_by_the_training_sample():
+    """head_ratio x N heads from too small a sample would be placed on noise: at most
+    train_sample / sample_per_head heads are chosen."""
+    x, _ = clustered(6000, d=16)
+    ix = create_index("spann", 16, "ip", head_ratio=0.2, train_sample=1000, sample_per_head=20)
+    ix.train(x)
+    ix.add(np.arange(len(x)), x)
+    ix.search(x[:1], 1)  # seals
+    assert 25 <= ix.stats().extra["heads"] <= 75  # 1000 / 20 = 50 wanted, not 0.2 x 6000
+    assert _self_recall(ix, x[:500], np.arange(500)) >= 0.95
