@@ -64,7 +64,9 @@ def build_index(shard: Shard, info: IndexInfo, seed: int = 0, binarizer=None) ->
     index given the datastore's shared `binarizer` adopts it instead of training its own."""
     seq = shard.seq
     index = create_index(info.kind, shard.dim, info.metric, storage=shard.blob_store(), **info.params)
-    sample = _sample(shard, TRAIN_SAMPLE, seed)
+    # an index that asks for more training vectors gets them (SPANN caps its heads by them)
+    size = max(TRAIN_SAMPLE, getattr(getattr(index, "config", None), "train_sample", 0))
+    sample = _sample(shard, size, seed)
     if binarizer is not None and hasattr(index, "use_binarizer"):
         index.use_binarizer(binarizer, sample)
     else:

@@ -56,6 +56,7 @@ def data():
 
 
 def build(ids, x, tenants, **cfg):
+    cfg.setdefault("sample_per_head", 10)  # trained on a quarter: keep head_ratio's head count
     ix = create_index("spann", x.shape[1], "ip", **cfg)
     ix.train(x[::4])
     ix.add(ids, x, tenants)
