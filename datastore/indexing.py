@@ -168,6 +168,8 @@ def replay_changes(shard: Shard, index: VectorIndex, ids: np.ndarray, batch: int
     """Bring an index saved at an earlier write up to the shard: every id written since is
     removed, and added back with its stored vector and tenants if the shard still holds it.
     Replaying an id the index already reflects is harmless (remove then add is an upsert)."""
+    if not len(ids):  # only meta writes since the save: the index saw nothing to change
+        return
     recover = getattr(index, "recover", None)
     if recover is not None:  # summaries the index derives from its on-disk state (SPANN)
         recover()
