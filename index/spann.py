@@ -117,10 +117,12 @@ class SpannConfig:
     fetch_threads: int = 1
     #: Heads are chosen from this many vectors (memory: train_sample x dim x 4 bytes).
     train_sample: int = 200_000
-    #: Fewest training vectors per head: with fewer, k-means places heads on noise (a 2M
-    #: build of syn384 with 20k heads from 200k vectors lost 9 points of recall). Heads
-    #: are capped at train_sample / sample_per_head; raise train_sample for more.
-    sample_per_head: int = 40
+    #: Fewest training vectors per head: heads are capped at train_sample / sample_per_head
+    #: (20,000 by default, the flat head index's limit). A 2M build of syn384 with more heads
+    #: than that reached recall 0.91 at 32 lists (faiss IVF4096: 0.999 at 4); 5,000 heads
+    #: (sample_per_head=40) reached 0.998 at 4 but peaked at 7.4 GB building (being looked
+    #: into); 10 points per head kept recall 0.997 at 500k. Raise train_sample for more heads.
+    sample_per_head: int = 10
     hnsw_threshold: int = 20_000
     hnsw_m: int = 32
     #: Bulk build: assignments gather in memory up to this many bytes of vectors before they
