@@ -8,6 +8,15 @@ import grpc
 
 #: Codes after which another replica is tried (the one called may be down or slow).
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+def lost_call(e: grpc.RpcError) -> bool:
+    """The call failed on the way, not in the server's code: a retryable code, or INTERNAL
+    raised by gRPC core itself (a connection cut mid-call, e.g. to a server being killed),
+    which our servers never send (their internal errors carry their own message)."""
+    return e.code() in RETRYABLE or (e.code() == grpc.StatusCode.INTERNAL
+                                     and (e.details() or "").startswith(("Internal error from Core",
+                                                                        "Received RST_STREAM")))
 #: Share of the caller's remaining time the router keeps for merging and answering, so a
 #: shard that misses the deadline is reported (or fails the call) before the caller gives up.
 DEADLINE_RESERVE = 0.1

@@ -36,7 +36,7 @@ import grpc
 from datastore.errors import DatastoreError, Unavailable
 from datastore.sharding import shard_of
 from service.metrics import SHARD_ERRORS
-from service.routing.config import RETRYABLE
+from service.routing.config import RETRYABLE, lost_call
 from service.routing.topology import REPLICA_STALE, Replica, Server, Topology, mark_stale
 from service.status import from_rpc_error
 
@@ -192,7 +192,7 @@ class Replication:
                 break
             except grpc.RpcError as e:
                 SHARD_ERRORS.labels(replica.address, method, e.code().name).inc()
-                if e.code() not in RETRYABLE:
+                if not lost_call(e):
                     raise from_rpc_error(e) from None
                 # it may or may not have applied the write: it is out of sync if another takes it
                 failed.append((replica, e.code().name))
