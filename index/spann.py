@@ -2,7 +2,7 @@
 updated in place the SPFresh way (LIRE: split, reassign, merge; versions for staleness).
 
 - Heads: leaves of a balanced hierarchical k-means over a training sample, searched in
-  memory with faiss (flat, or HNSW past `hnsw_threshold` heads).
+  memory with faiss (flat, or an inverted file over the heads past `head_flat_max`).
 - Closure replication: a vector goes to up to `replicas` heads within (1 + eps1) of its
   nearest head's distance, skipping heads that the RNG rule says lie in the direction of
   one already chosen (a head closer to a chosen head than to the vector).
@@ -67,6 +67,8 @@ STATE_FILE = "spann.json"
 ARRAYS_FILE = "spann.npz"
 BINARIZER_FILE = "spann.binarizer.pt"
 POSTINGS_DIR = "postings"
+#: Config fields of older saves that no longer exist (the HNSW head index, replaced by an IVF).
+_RETIRED_CONFIG = ("hnsw_threshold", "hnsw_m")
 
 
 @dataclass(frozen=True)
@@ -118,13 +120,12 @@ class SpannConfig:
     #: Heads are chosen from this many vectors (memory: train_sample x dim x 4 bytes).
     train_sample: int = 200_000
     #: Fewest training vectors per head: heads are capped at train_sample / sample_per_head
-    #: (20,000 by default, the flat head index's limit). A 2M build of syn384 with more heads
-    #: than that reached recall 0.91 at 32 lists (faiss IVF4096: 0.999 at 4); 5,000 heads
-    #: (sample_per_head=40) reached 0.998 at 4 but peaked at 7.4 GB building (being looked
-    #: into); 10 points per head kept recall 0.997 at 500k. Raise train_sample for more heads.
+    #: (20,000 by default). Raise train_sample for more heads.
     sample_per_head: int = 10
-    hnsw_threshold: int = 20_000
-    hnsw_m: int = 32
+    #: Heads are searched exactly up to this many; above, through an inverted file over them
+    #: (index/spann_heads.py) that scans `head_nprobe` of its ~2 sqrt(heads) cells.
+    head_flat_max: int = 8192
+    head_nprobe: int = 32
     #: Bulk build: assignments gather in memory up to this many bytes of vectors before they
     #: spill to scratch LMDB sorted by head (peak build memory is ~2x this, whatever N).
     stage_bytes: int = 64 << 20
@@ -141,7 +142,7 @@ class SpannConfig:
             "vector_dtype": self.vector_dtype in ("float16", "float32"), "train_sample": self.train_sample >= 1,
             "sample_per_head": self.sample_per_head >= 1,
             "fetch_threads": self.fetch_threads >= 1,
-            "hnsw_threshold": self.hnsw_threshold >= 1, "hnsw_m": self.hnsw_m >= 4, "stage_bytes": self.stage_bytes > 0,
+            "head_flat_max": self.head_flat_max >= 1, "head_nprobe": self.head_nprobe >= 1, "stage_bytes": self.stage_bytes > 0,
             "codes": self.codes in ("float", "binary"), "code_bits": 1 <= self.code_bits <= 8,
             "code_dims": self.code_dims >= 0, "oversample": math.isfinite(self.oversample) and self.oversample >= 1,
             "code_train_sample": self.code_train_sample >= 2, "code_epochs": self.code_epochs >= 1,
@@ -171,7 +172,7 @@ class SpannIndex(BulkBuild):
         self.state = SpannState(storage) if isinstance(storage, LmdbBlobStore) else None
         #: loaded from a save that kept heads and versions in files: LMDB holds none of them yet
         self._state_unwritten = False
-        self.heads = HeadIndex(dim, self.config.hnsw_threshold, self.config.hnsw_m)
+        self.heads = HeadIndex(dim, self.config.head_flat_max, self.config.head_nprobe)
         self.max_posting = self.config.max_posting
         self._versions: dict[int, int] = {}
         self._deleted: set[int] = set()
@@ -633,7 +634,8 @@ class SpannIndex(BulkBuild):
         state = json.loads((directory / STATE_FILE).read_text())
         if storage is None:
             storage = LmdbBlobStore.open(directory / POSTINGS_DIR)
-        index = cls(state["dim"], state["metric"], storage=storage, **state["config"])
+        config = {k: v for k, v in state["config"].items() if k not in _RETIRED_CONFIG}
+        index = cls(state["dim"], state["metric"], storage=storage, **config)
         index.max_posting, index._count = state["max_posting"], state["count"]
         if state.get("state") == "lmdb":
             if index.state is None:
