@@ -67,8 +67,9 @@ STATE_FILE = "spann.json"
 ARRAYS_FILE = "spann.npz"
 BINARIZER_FILE = "spann.binarizer.pt"
 POSTINGS_DIR = "postings"
-#: Config fields of older saves that no longer exist (the HNSW head index, replaced by an IVF).
-_RETIRED_CONFIG = ("hnsw_threshold", "hnsw_m")
+#: Config fields of older saves that no longer exist: the HNSW head index (replaced by an
+#: IVF) and fetch threads (lists are now prefetched by the kernel, index/storage.py).
+_RETIRED_CONFIG = ("hnsw_threshold", "hnsw_m", "fetch_threads")
 
 
 @dataclass(frozen=True)
@@ -114,9 +115,6 @@ class SpannConfig:
     code_train_sample: int = 20_000
     code_epochs: int = 6
     compress: bool = False
-    #: Threads reading a query's lists. 1 (zero-copy, in the caller's thread) is fastest on a
-    #: warm cache; 4 halved cold single-query latency on GloVe-50 but cost 2x when warm.
-    fetch_threads: int = 1
     #: Heads are chosen from this many vectors (memory: train_sample x dim x 4 bytes).
     train_sample: int = 200_000
     #: Fewest training vectors per head: heads are capped at train_sample / sample_per_head
@@ -141,7 +139,6 @@ class SpannConfig:
             "max_posting": self.max_posting >= 0, "min_posting": self.min_posting >= 0,
             "vector_dtype": self.vector_dtype in ("float16", "float32"), "train_sample": self.train_sample >= 1,
             "sample_per_head": self.sample_per_head >= 1,
-            "fetch_threads": self.fetch_threads >= 1,
             "head_flat_max": self.head_flat_max >= 1, "head_nprobe": self.head_nprobe >= 1, "stage_bytes": self.stage_bytes > 0,
             "codes": self.codes in ("float", "binary"), "code_bits": 1 <= self.code_bits <= 8,
             "code_dims": self.code_dims >= 0, "oversample": math.isfinite(self.oversample) and self.oversample >= 1,
@@ -406,8 +403,7 @@ class SpannIndex(BulkBuild):
                     else params.oversample
                 wanted = candidates_wanted(k, oversample)
             lists = self.probe_lists(queries, params, tenant, k)
-            for start in range(0, len(queries), self.QUERY_CHUNK):
-                chunk = slice(start, start + self.QUERY_CHUNK)
+            for chunk in self._chunks(lists):
                 if self.rows.exact:
                     self._scan(queries[chunk], wanted, lists[chunk], tenant, allowed_ids, out.ids[chunk],
                                out.scores[chunk])
@@ -417,8 +413,25 @@ class SpannIndex(BulkBuild):
                 rerank(queries[chunk], cand.ids, self.floats, self.metric, out.ids[chunk], out.scores[chunk])
         return out
 
-    #: Queries scanned together: their lists are read and decoded once into one arena.
+    #: Queries scanned together: their lists are read and decoded once into one arena, of
+    #: at most QUERY_CHUNK queries and about CHUNK_BYTES of lists (on syn384-2m, 256 queries'
+    #: lists came to ~400 MB, and batches ran 13x slower per query than single queries).
     QUERY_CHUNK = 256
+    CHUNK_BYTES = 32 << 20
+
+    def _chunks(self, lists: list[np.ndarray]) -> Iterable[slice]:
+        """Consecutive query slices whose distinct lists fit CHUNK_BYTES (at the mean list size)."""
+        per_list = max(1, self.store.disk_bytes() // max(1, self.heads.count))
+        most = max(1, self.CHUNK_BYTES // per_list)
+        start, seen = 0, set()
+        for q, heads in enumerate(lists):
+            hs = heads.tolist()
+            if q > start and (q - start >= self.QUERY_CHUNK or len(seen.union(hs)) > most):
+                yield slice(start, q)
+                start, seen = q, set()
+            seen.update(hs)
+        if start < len(lists):
+            yield slice(start, len(lists))
 
     def _scan(self, queries: np.ndarray, k: int, lists: list[np.ndarray], tenant: str | None,
               allowed_ids: np.ndarray | None, out_ids: np.ndarray, out_scores: np.ndarray) -> None:
@@ -432,7 +445,7 @@ class SpannIndex(BulkBuild):
         deleted = np.fromiter(self._deleted, np.int64, len(self._deleted)) if self._deleted else None
         limit = k * (self.config.replicas + 1)  # replicas share a score: this many hold k distinct ids
         prepared = self.rows.prepare(queries)
-        with self.store.viewing(self.config.fetch_threads) as read:
+        with self.store.viewing() as read:
             decoded: dict[int, tuple[np.ndarray, np.ndarray]] = {}
             blobs = read(wanted.tolist())
             for h, blob in zip(wanted.tolist(), blobs):

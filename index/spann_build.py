@@ -125,20 +125,24 @@ class BulkBuild:
         if self.state is not None:
             self.state.clear(versions=False)
         batch: dict[int, bytes] = {}
-        batch_bytes, head, parts = 0, None, []
+        batch_bytes, head, acc = 0, None, None
         for key, blob in grouped.items():  # keys sort by head, then by spill
             h = key >> 24
-            if h != head and parts:
-                batch[head] = self._finish_posting(head, parts)
+            if h != head and acc is not None:
+                batch[head] = self._finish_posting(head, acc)
                 batch_bytes += len(batch[head])
-                parts = []
+                acc = None
                 if len(batch) >= 512 or batch_bytes >= self.SPILL_TXN_BYTES:
                     self.store.write(batch)
                     batch, batch_bytes = {}, 0
             head = h
-            parts.append(codec.decode(blob, self.dim))
-        if parts:
-            batch[head] = self._finish_posting(head, parts)
+            part = codec.decode(blob, self.dim)
+            # folded in part by part, capped as it goes: a hub head can draw replicas from a
+            # large share of the corpus (one syn384 head drew 622k of 1M; its whole list
+            # took 3.9 GB to cap at once), but only max_posting of them are ever kept
+            acc = part if acc is None else self._capped(head, acc.concat(part), 2 * self.max_posting)
+        if acc is not None:
+            batch[head] = self._finish_posting(head, acc)
         alive = np.flatnonzero(self.heads.alive)
         self._commit(batch, heads=dict(zip(alive.tolist(), self.heads.vectors[alive])))
         grouped.close()
@@ -162,9 +166,9 @@ class BulkBuild:
     #: dirty pages in anonymous memory until the commit).
     SPILL_TXN_BYTES = 16 << 20
 
-    @classmethod
-    def _spill_grouped(cls, grouped: LmdbBlobStore, pending: list, seq: int) -> None:
-        """Write the pending assignments as one blob per (head, seq), sorted by head.
+    def _spill_grouped(self, grouped: LmdbBlobStore, pending: list, seq: int) -> None:
+        """Write the pending assignments as one blob per (head, seq), sorted by head, each
+        cut to max_posting entries as the final list will be (`_capped`).
 
         Memory stays ~2x the pending rows: the parts are gathered from the concatenated
         arrays by index (no sorted copy of everything) and written in bounded transactions."""
@@ -176,25 +180,28 @@ class BulkBuild:
         bounds = np.flatnonzero(np.diff(heads[order])) + 1
         puts, size = {}, 0
         for part in np.split(order, bounds):
-            blob = codec.encode(Posting(ids[part], prim[part], vecs[part]))
-            puts[(int(heads[part[0]]) << 24) | seq] = blob
+            head = int(heads[part[0]])
+            blob = codec.encode(self._capped(head, Posting(ids[part], prim[part], vecs[part]), self.max_posting))
+            puts[(head << 24) | seq] = blob
             size += len(blob)
-            if size >= cls.SPILL_TXN_BYTES:
+            if size >= self.SPILL_TXN_BYTES:
                 grouped.write(puts)
                 puts, size = {}, 0
         if puts:
             grouped.write(puts)
 
-    def _finish_posting(self, head: int, parts: list[Posting]) -> bytes:
-        p = parts[0]
-        for q in parts[1:]:
-            p = p.concat(q)
-        if len(p) > self.max_posting:
-            # keep every primary entry, then the closest replicas
-            d = squared_distances(p.vectors.astype(np.float32), self.heads.vectors[head:head + 1])[:, 0]
-            d[p.versions == 1] = -1.0
-            keep = np.sort(np.argsort(d, kind="stable")[:max(self.max_posting, int((p.versions == 1).sum()))])
-            p = p.take(keep)
+    def _capped(self, head: int, p: Posting, limit: int) -> Posting:
+        """p cut to max_posting entries once longer than `limit`: every primary entry (flagged
+        1 in versions during the seal), then the replicas nearest the head."""
+        if len(p) <= max(limit, self.max_posting):
+            return p
+        d = squared_distances(p.vectors.astype(np.float32), self.heads.vectors[head:head + 1])[:, 0]
+        d[p.versions == 1] = -1.0
+        keep = np.sort(np.argsort(d, kind="stable")[:max(self.max_posting, int((p.versions == 1).sum()))])
+        return p.take(keep)
+
+    def _finish_posting(self, head: int, p: Posting) -> bytes:
+        p = self._capped(head, p, self.max_posting)
         live = ~np.isin(p.ids, np.fromiter(self._deleted, np.int64, len(self._deleted))) if self._deleted else None
         self.tenants.note_posting(head, p.ids if live is None else p.ids[live])
         return codec.encode(Posting(p.ids, np.zeros(len(p), np.uint16), self.rows.encode(p.vectors)),

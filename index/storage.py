@@ -9,6 +9,7 @@ benchmarks can measure what a search reads from disk without instrumenting the i
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import struct
@@ -16,7 +17,6 @@ import threading
 import weakref
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,12 +67,9 @@ class _ReadCounter:
 class BlobStore(Protocol):
     def get_many(self, keys: Sequence[int]) -> list[bytes | None]: ...
 
-    def viewing(self, threads: int = 1) -> ContextManager[Callable[[Sequence[int]], list[memoryview | None]]]:
-        """Reads for one search: inside the context, a function giving the blobs of keys.
-
-        With threads > 1 the keys are split over a pool, each part read in its own
-        transaction, so cold reads wait on the disk in parallel (mdb_get faults the whole
-        value in); with 1, zero-copy views valid until the context exits."""
+    def viewing(self) -> ContextManager[Callable[[Sequence[int]], list[memoryview | None]]]:
+        """Reads for one search: inside the context, a function giving the blobs of keys
+        (zero-copy views, valid until the context exits)."""
 
     def write(self, puts: dict[int, bytes], deletes: Iterable[int] = ()) -> None: ...
 
@@ -124,40 +121,45 @@ class LmdbBlobStore:
         return out
 
     @contextmanager
-    def viewing(self, threads: int = 1) -> Iterator[Callable[[Sequence[int]], list[memoryview | bytes | None]]]:
-        """Reads in one transaction: small values are zero-copy views of the map; values of
-        DIRECT_READ_BYTES or more are read from the file in one I/O each (`threads` of them at
-        once), because the environment maps without readahead and a cold large value would
-        otherwise arrive one 4 KiB page fault at a time."""
-        files = self._file_reader()
-        pool = self._fetch_pool(threads) if threads > 1 else None
+    def viewing(self) -> Iterator[Callable[[Sequence[int]], list[memoryview | bytes | None]]]:
+        """Zero-copy reads in one transaction (views valid inside the block).
+
+        Why not `txn.get`: py-lmdb touches every page of a value before returning it, and the
+        environments map without readahead (a B-tree lookup then reads no more than it
+        needs), so a cold 300 KB posting list arrived as ~75 synchronous 4 KiB reads (~4 ms
+        here, against 0.4 ms for one read of it all). Large values are therefore located
+        from their B-tree node, asked of the kernel all at once (POSIX_FADV_WILLNEED: it
+        reads each in a few large requests, concurrently), and viewed in the map."""
+        direct = self._direct_values()
         with self.env.begin(buffers=True) as txn:
+            cursor = txn.cursor(db=self.db)
+
             def read(keys: Sequence[int]) -> list[memoryview | bytes | None]:
-                got = [txn.get(_KEY.pack(int(k)), db=self.db) for k in keys]
-                if files is not None:
-                    big = [j for j, v in enumerate(got) if v is not None and len(v) >= DIRECT_READ_BYTES]
-                    if pool is not None and len(big) > 1:
-                        for j, v in zip(big, pool.map(files.read, [got[j] for j in big])):
-                            got[j] = v
+                got: list[memoryview | bytes | None] = [None] * len(keys)
+                far: list[tuple[int, int, int]] = []
+                limit = direct.limit(self.env) if direct is not None else 0
+                for j, k in enumerate(keys):
+                    if not cursor.set_key(_KEY.pack(int(k))):
+                        continue
+                    where = direct.locate(cursor, limit) if direct is not None else None
+                    if where is None:
+                        got[j] = cursor.value()
                     else:
-                        for j in big:
-                            got[j] = files.read(got[j])
+                        far.append((j, *where))
+                if far:
+                    direct.prefetch([(offset, size) for _, offset, size in far])
+                    for j, offset, size in far:
+                        got[j] = direct.view(offset, size)
                 self._counter.count(got)
                 return got
 
             yield read
 
-    def _file_reader(self) -> _FileReader | None:
-        reader = getattr(self, "_files", False)
-        if reader is False:
-            self._files = reader = _FileReader.open(self.env)
-        return reader
-
-    def _fetch_pool(self, threads: int) -> ThreadPoolExecutor:
-        pool = getattr(self, "_pool", None)
-        if pool is None or pool._max_workers != threads:
-            self._pool = pool = ThreadPoolExecutor(threads, thread_name_prefix="posting-fetch")
-        return pool
+    def _direct_values(self) -> _DirectValues | None:
+        direct = getattr(self, "_direct", False)
+        if direct is False:
+            self._direct = direct = _DirectValues.open(self.env)
+        return direct
 
     def write(self, puts: dict[int, bytes], deletes: Iterable[int] = ()) -> None:
         self.write_many([(self, puts, list(deletes))])
@@ -197,78 +199,96 @@ class LmdbBlobStore:
         return (st["branch_pages"] + st["leaf_pages"] + st["overflow_pages"]) * st["psize"]
 
     def close(self) -> None:
-        files = getattr(self, "_files", None)
-        if files:
-            files.close()
+        direct = getattr(self, "_direct", None)
+        if direct:
+            direct.close()
         if self._owned:
             self.env.close()
 
 
-#: LMDB values at least this large are read with pread (one I/O) rather than through the map.
-DIRECT_READ_BYTES = 16 << 10
+class _DirectValues:
+    """Finds an LMDB value in the map from its B-tree node, without touching the value.
 
+    LMDB (0.9 on-disk format) keeps a large value on overflow pages: its leaf node holds an
+    8-byte header (size low 16 bits, size high 16 bits, flags, key size), the key, then the
+    number of the first overflow page; the value starts 16 bytes (the page header) into that
+    page. The map's address comes from /proc/self/maps (Linux; LMDB does not report it). The
+    reading is checked once per store against what LMDB itself returns; a mismatch, or a
+    page number past the end of the data in use, turns the direct path off for good."""
 
-class _FileReader:
-    """Reads values of an open LMDB environment from its data file with pread.
+    BIGDATA = 0x01
+    PAGE_HEADER = 16
 
-    Why: the environments open without readahead (a B-tree lookup then reads only the pages
-    it needs), so a cold posting list of 700 KB read through the map costs ~175 page faults
-    of 4 KiB, one disk round trip each (~8 ms here); one pread asks for all of it at once
-    (~0.5 ms). A value's file offset is its address minus the map's base, which LMDB does
-    not report: it is found in /proc/self/maps (Linux), and each read checks its first bytes
-    against the map, so a wrong base can only cost a fall back to the map, never wrong data."""
-
-    def __init__(self, fd: int, inode: int) -> None:
-        self.fd, self.inode = fd, inode
+    def __init__(self, fd: int, inode: int, page_size: int) -> None:
+        self.fd, self.inode, self.page_size = fd, inode, page_size
+        self.base, self.end = 0, 0  # where file offset 0 is mapped, and the end of that mapping
+        self.checked = False
         self.disabled = False
-        self.base, self.end = 0, 0
         self._closer = weakref.finalize(self, os.close, fd)
 
     @classmethod
-    def open(cls, env: lmdb.Environment) -> _FileReader | None:
-        """A reader for env's data file, or None where the map cannot be located (not Linux)."""
+    def open(cls, env: lmdb.Environment) -> _DirectValues | None:
+        """For env's data file, or None where the map cannot be found (not Linux)."""
         path = Path(env.path())
         path = path / "data.mdb" if path.is_dir() else path
-        if not Path("/proc/self/maps").exists() or not path.is_file():
+        if not Path("/proc/self/maps").exists() or not path.is_file() or not hasattr(os, "posix_fadvise"):
             return None
         fd = os.open(path, os.O_RDONLY)
-        st = os.fstat(fd)
-        if hasattr(os, "posix_fadvise"):  # read what is asked, no more (values are whole I/Os already)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
-        return cls(fd, st.st_ino)
+        return cls(fd, os.fstat(fd).st_ino, env.stat()["psize"])
 
-    def _locate(self, addr: int) -> None:
-        """The address range of the mapping of this file, at offset 0, that holds addr (one
-        process may map the file twice: a writer's and a reader's environment)."""
+    def limit(self, env: lmdb.Environment) -> int:
+        """Bytes of the data file in use (no located value may end past them)."""
+        return (env.info()["last_pgno"] + 1) * self.page_size
+
+    def _find_map(self, addr: int) -> bool:
+        """The mapping of this file that holds addr (/proc/self/maps gives its file offset)."""
         self.base = self.end = 0
         with open("/proc/self/maps") as f:
             for line in f:
                 parts = line.split()
-                if len(parts) >= 6 and int(parts[2], 16) == 0 and int(parts[4]) == self.inode:
+                if len(parts) >= 6 and int(parts[4]) == self.inode:
                     start, end = (int(x, 16) for x in parts[0].split("-"))
                     if start <= addr < end:
-                        self.base, self.end = start, end
-                        return
+                        self.base, self.end = start - int(parts[2], 16), end
+                        return True
+        return False
 
-    def read(self, view: memoryview) -> memoryview:
-        """The bytes of `view` (a value in the map), read from the file; `view` itself when
-        its place in the file cannot be found."""
+    def locate(self, cursor: lmdb.Cursor, limit: int) -> tuple[int, int] | None:
+        """(file offset, size) of the value under a positioned cursor when it lies on
+        overflow pages; None when it is inline in the leaf (read already) or not knowable."""
         if self.disabled:
-            return view
-        addr = np.frombuffer(view, np.uint8).ctypes.data
-        if not self.base <= addr < self.end:  # first read, or the map moved (a resize)
-            self._locate(addr)
-            if not self.base <= addr < self.end:
-                self.disabled = True  # not found: reading through the map from now on
-                return view
-        buf = np.empty(len(view), np.uint8)
-        done = os.preadv(self.fd, [buf], addr - self.base)
-        head = min(16, len(view))
-        if done != len(view) or buf[:head].tobytes() != bytes(view[:head]):  # the map's page is cached now
-            log.warning("storage: a value read from the data file does not match the map; reading through the map")
+            return None
+        key = cursor.key()
+        addr = np.frombuffer(key, np.uint8).ctypes.data
+        if not self.base <= addr < self.end and not self._find_map(addr):
             self.disabled = True
-            return view
-        return memoryview(buf)
+            return None
+        lo, hi, flags, ksize = struct.unpack("<HHHH", ctypes.string_at(addr - 8, 8))
+        if not flags & self.BIGDATA or ksize != len(key):
+            return None
+        (page,) = struct.unpack("<Q", ctypes.string_at(addr + ksize, 8))
+        offset, size = page * self.page_size + self.PAGE_HEADER, lo | hi << 16
+        if offset + size > limit or self.base + offset + size > self.end:
+            self.disabled = True
+            log.warning("storage: a value's overflow pages lie past the data in use; reading through LMDB")
+            return None
+        if not self.checked:  # once: does our reading of the node agree with LMDB's?
+            real = cursor.value()
+            if np.frombuffer(real, np.uint8).ctypes.data != self.base + offset or len(real) != size:
+                self.disabled = True
+                log.warning("storage: LMDB's node layout is not as expected; reading through LMDB")
+                return None
+            self.checked = True
+        return offset, size
+
+    def prefetch(self, ranges: Sequence[tuple[int, int]]) -> None:
+        """Ask the kernel for every range now: pages not cached are read in large requests,
+        all ranges at once, while the caller goes on."""
+        for offset, size in ranges:
+            os.posix_fadvise(self.fd, offset, size, os.POSIX_FADV_WILLNEED)
+
+    def view(self, offset: int, size: int) -> memoryview:
+        return memoryview((ctypes.c_char * size).from_address(self.base + offset)).cast("B").toreadonly()
 
     def close(self) -> None:
         self._closer()

@@ -336,3 +336,25 @@ def test_heads_are_capped_by_the_training_sample():
     ix.search(x[:1], 1)  # seals
     assert 25 <= ix.stats().extra["heads"] <= 75  # 1000 / 20 = 50 wanted, not 0.2 x 6000
     assert _self_recall(ix, x[:500], np.arange(500)) >= 0.95
+
+
+def test_the_bulk_build_caps_every_list_and_keeps_each_vector_in_its_nearest_list():
+    """With replication unbounded (every vector to its 8 nearest heads, no RNG pruning),
+    lists are cut to max_posting as the seal folds them in spill by spill, but never below
+    their primary entries: each vector stays in its nearest head's list."""
+    from index import postings
+    x, _ = clustered(8000, d=16, centers=40)
+    ids = np.arange(len(x), dtype=np.int64)
+    ix = create_index("spann", 16, "ip", head_ratio=0.01, max_posting=300, closure_epsilon=50.0,
+                      rng_factor=1e9, stage_bytes=40_000)  # many spills: each list arrives in parts
+    ix.train(x)
+    ix.add(ids, x)
+    ix.search(x[:1], 1)  # seals
+    _, nearest = ix.heads.search(x, 1)
+    lists = {h: postings.decode(ix.store.get_many([h])[0], ix.dim) for h in ix.store.keys()}
+    longest = max(len(p) for p in lists.values())
+    assert longest <= max(300, int(np.bincount(nearest[:, 0]).max()))
+    for h, p in lists.items():
+        own = ids[nearest[:, 0] == h]
+        assert np.isin(own, p.ids).all(), h
+    assert sum(len(p) for p in lists.values()) > 1.5 * len(x)  # replicas were kept where room was left
