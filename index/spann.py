@@ -30,16 +30,13 @@ datastore shard but not yet applied here are replayed from the shard's change lo
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import shutil
 import tempfile
 import threading
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 
@@ -57,99 +54,17 @@ from index.kmeans import balanced_kmeans, hierarchical_heads, squared_distances
 from index.postings import Posting
 from index.spann_build import BulkBuild
 from index.spann_codes import BinaryRows, FloatRows, candidates_wanted, rerank
+from index.spann_config import SpannConfig
 from index.spann_heads import HeadIndex, refine_heads
+from index.spann_persist import POSTINGS_DIR, Persistence
 from index.spann_state import SpannState
 from index.spann_tenants import TenantMap
 from index.storage import VECTORS_DB, BlobStore, LmdbBlobStore, ReadStats, VectorStore
 
 log = logging.getLogger(__name__)
-STATE_FILE = "spann.json"
-ARRAYS_FILE = "spann.npz"
-BINARIZER_FILE = "spann.binarizer.pt"
-POSTINGS_DIR = "postings"
-#: Config fields of older saves that no longer exist: the HNSW head index (replaced by an
-#: IVF) and fetch threads (lists are now prefetched by the kernel, index/storage.py).
-_RETIRED_CONFIG = ("hnsw_threshold", "hnsw_m", "fetch_threads")
 
 
-@dataclass(frozen=True)
-class SpannConfig:
-    """Build and search settings; the defaults work from thousands to millions of vectors."""
-
-    #: Heads as a share of vectors; each head's list then holds ~replication/head_ratio entries.
-    #: (SPTAG starts from 0.2; on GloVe-50, 0.01 gave the best recall per query time.)
-    head_ratio: float = 0.01
-    branching: int = 16
-    balance_slack: float = 1.3
-    #: Lloyd iterations over the training sample after the balanced tree, started from its
-    #: leaves. Balancing cuts natural clusters in two; on syn384 (4096-cluster mixture) the
-    #: tree's heads reached recall 0.74 at one list, 5 iterations 0.88 (faiss k-means 0.86).
-    #: Lists grown past max_posting are split as usual. 0 keeps the tree's leaves.
-    refine_iters: int = 5
-    #: Closure replication: at most this many heads per vector (SPANN: 8).
-    replicas: int = 8
-    #: eps1: replicate to heads within (1 + eps1) x the nearest head's distance.
-    closure_epsilon: float = 0.5
-    #: RNG rule: skip head h if rng_factor * dist(h, chosen)^2 < dist(x, h)^2. 1.0 is the strict
-    #: rule; 2.0 (measured on GloVe-50) replicates ~3x and reaches recall 0.95 with half the lists.
-    rng_factor: float = 2.0
-    #: eps2 default: probe heads within (1 + eps2) x the nearest head's distance.
-    prune_epsilon: float = 0.6
-    #: Hard cap on lists probed per query (SearchParams.nprobe overrides).
-    max_lists: int = 48
-    #: Longest list; longer ones are split (0 = 4x the mean list length at build).
-    max_posting: int = 0
-    #: Shorter lists are merged into their neighbours at compaction.
-    min_posting: int = 4
-    #: float32 by default: converting float16 lists at query time costs more than reading 2x bytes.
-    vector_dtype: Literal["float16", "float32"] = "float32"
-    #: What list entries hold: the vectors ("float", in vector_dtype) or BEBR binary codes
-    #: ("binary": code_bits x code_dims bits, reranked with floats from the vectors database).
-    codes: Literal["float", "binary"] = "float"
-    code_bits: int = 2
-    #: 0: the dim rounded up to 64.
-    code_dims: int = 0
-    #: Binary codes: candidates reranked per result (SearchParams.oversample overrides).
-    oversample: float = 10.0
-    #: Binary codes: the binarizer trains on this many rows of the head-training sample, for this many epochs.
-    code_train_sample: int = 20_000
-    code_epochs: int = 6
-    compress: bool = False
-    #: Heads are chosen from this many vectors (memory: train_sample x dim x 4 bytes).
-    train_sample: int = 200_000
-    #: Fewest training vectors per head: heads are capped at train_sample / sample_per_head
-    #: (20,000 by default). Raise train_sample for more heads.
-    sample_per_head: int = 10
-    #: Heads are searched exactly up to this many; above, through an inverted file over them
-    #: (index/spann_heads.py) that scans `head_nprobe` of its ~2 sqrt(heads) cells.
-    head_flat_max: int = 8192
-    head_nprobe: int = 32
-    #: Bulk build: assignments gather in memory up to this many bytes of vectors before they
-    #: spill to scratch LMDB sorted by head (peak build memory is ~2x this, whatever N).
-    stage_bytes: int = 64 << 20
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        checks = {
-            "head_ratio": 0 < self.head_ratio <= 1, "branching": self.branching >= 2,
-            "balance_slack": self.balance_slack >= 1, "refine_iters": self.refine_iters >= 0,
-            "replicas": self.replicas >= 1,
-            "closure_epsilon": self.closure_epsilon >= 0, "rng_factor": self.rng_factor > 0,
-            "prune_epsilon": self.prune_epsilon >= 0, "max_lists": self.max_lists >= 1,
-            "max_posting": self.max_posting >= 0, "min_posting": self.min_posting >= 0,
-            "vector_dtype": self.vector_dtype in ("float16", "float32"), "train_sample": self.train_sample >= 1,
-            "sample_per_head": self.sample_per_head >= 1,
-            "head_flat_max": self.head_flat_max >= 1, "head_nprobe": self.head_nprobe >= 1, "stage_bytes": self.stage_bytes > 0,
-            "codes": self.codes in ("float", "binary"), "code_bits": 1 <= self.code_bits <= 8,
-            "code_dims": self.code_dims >= 0, "oversample": math.isfinite(self.oversample) and self.oversample >= 1,
-            "code_train_sample": self.code_train_sample >= 2, "code_epochs": self.code_epochs >= 1,
-        }
-        bad = [k for k, ok in checks.items() if not ok]
-        if bad:
-            raise ValueError(f"SpannConfig: invalid {', '.join(f'{k}={getattr(self, k)!r}' for k in bad)}")
-
-
-class SpannIndex(BulkBuild):
+class SpannIndex(BulkBuild, Persistence):
     """The SPANN memory/disk index over a BlobStore of posting lists."""
 
     kind = "spann"
@@ -610,96 +525,6 @@ class SpannIndex(BulkBuild):
             self._versions, self._deleted, self._filter_cache = {}, set(), None
             if self.state is not None:  # every entry is at version 0 now: no record is needed
                 self.state.versions.clear()
-
-    # -- persistence ----------------------------------------------------------------------------
-
-    def save(self, directory: Path) -> None:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        with self._lock:
-            self._seal()
-            if self.state is not None:
-                self._commit()  # the counters, in case nothing was written since the seal
-                (directory / ARRAYS_FILE).unlink(missing_ok=True)  # left by an older save
-            else:
-                np.savez(directory / ARRAYS_FILE, heads=self.heads.vectors, alive=self.heads.alive,
-                         version_ids=np.fromiter(self._versions.keys(), np.int64, len(self._versions)),
-                         version_vals=np.fromiter(self._versions.values(), np.int64, len(self._versions)),
-                         deleted=np.fromiter(self._deleted, np.int64, len(self._deleted)))
-            if isinstance(self.rows, BinaryRows):
-                self.rows.binarizer.save(directory / BINARIZER_FILE)
-            state = {"dim": self.dim, "metric": self.metric, "config": asdict(self.config),
-                     "max_posting": self.max_posting, "count": self._count,
-                     "tenant_map": self.tenants.state(), "binarizer": isinstance(self.rows, BinaryRows),
-                     "state": "lmdb" if self.state is not None else "files"}
-            (directory / STATE_FILE).write_text(json.dumps(state))
-            if isinstance(self.store, LmdbBlobStore) and self.store._owned:
-                target = directory / POSTINGS_DIR
-                if self.store.path is None or target.resolve() != Path(self.store.path).resolve():
-                    shutil.rmtree(target, ignore_errors=True)
-                    target.mkdir(parents=True)
-                    self.store.env.copy(str(target), compact=True)
-            self._saved_dir = directory
-
-    @classmethod
-    def load(cls, directory: Path, storage: BlobStore | None = None) -> SpannIndex:
-        directory = Path(directory)
-        state = json.loads((directory / STATE_FILE).read_text())
-        if storage is None:
-            storage = LmdbBlobStore.open(directory / POSTINGS_DIR)
-        config = {k: v for k, v in state["config"].items() if k not in _RETIRED_CONFIG}
-        index = cls(state["dim"], state["metric"], storage=storage, **config)
-        index.max_posting, index._count = state["max_posting"], state["count"]
-        if state.get("state") == "lmdb":
-            if index.state is None:
-                raise ValueError(f"{directory}: this SPANN index keeps its state in LMDB; open it over an LMDB store")
-            persisted = index.state.load(index.dim)
-            if persisted is not None:  # else nothing was ever committed: an empty index
-                vectors, alive, index._versions, index._deleted, meta = persisted
-                index.heads.reset(vectors, alive)
-                index.max_posting, index._count = meta["max_posting"], meta["count"]
-        else:  # an older save: heads and versions in spann.npz, lists possibly ahead of them
-            arrays = np.load(directory / ARRAYS_FILE)
-            index.heads.reset(arrays["heads"], arrays["alive"])
-            index._versions = dict(zip(arrays["version_ids"].tolist(), arrays["version_vals"].tolist()))
-            index._deleted = set(arrays["deleted"].tolist())
-            index.replayable = False
-            index._state_unwritten = index.state is not None
-        if state.get("binarizer"):
-            from index.binarizer import Binarizer
-            index.rows = BinaryRows(Binarizer.load(directory / BINARIZER_FILE))
-        if "tenant_map" in state:
-            index.tenants = TenantMap.restore(state["tenant_map"])
-        else:  # saved before per-list tenants were kept: rebuild them from the lists
-            index.tenants.set([int(i) for i in state["tenants"]], list(state["tenants"].values()))
-            for h, blob in index.store.items():
-                p = codec.decode(blob, index._width)
-                index.tenants.note_posting(h, p.ids[index._valid(p)])
-        index._saved_dir = directory
-        return index
-
-    #: Whether writes made after a save can be replayed onto the saved index (not for saves
-    #: that kept the head table in files: the lists may have moved on past them).
-    replayable = True
-
-    def recount(self, live: int) -> None:
-        """Set the vector count to `live` (the datastore's count after a replay: ids logged
-        but never applied were counted out by the replay's remove)."""
-        with self._lock:
-            self._count = live
-            self._commit()
-
-    def recover(self) -> None:
-        """After a crash: recompute the per-list tenant summaries from the lists (a split or
-        an insert since the save changed lists the saved summaries describe). Reads every
-        list once, even when no id is restricted: the summaries also count public entries,
-        which a later grant's probes rely on."""
-        with self._lock:
-            self.tenants.clear_postings()
-            for h, blob in self.store.items():
-                if h < len(self.heads.alive) and self.heads.alive[h]:
-                    p = codec.decode(blob, self._width)
-                    self.tenants.note_posting(h, p.ids[self._valid(p)])
 
     def stats(self) -> IndexStats:
         codes = self.rows.memory_bytes() if isinstance(self.rows, BinaryRows) else 0

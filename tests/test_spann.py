@@ -1,5 +1,6 @@
 """SPANN against exact search on seeded data: recall, replicas, pruning, updates, crashes."""
 
+import json
 import os
 import subprocess
 import sys
@@ -312,6 +313,9 @@ def test_an_index_saved_in_the_older_file_format_keeps_its_heads_and_tombstones(
     ix.remove(np.arange(100, 200))
     ix.save(tmp_path)
     assert (tmp_path / "spann.npz").exists()
+    saved = json.loads((tmp_path / "spann.json").read_text())  # with config fields since retired
+    saved["config"].update(hnsw_threshold=20_000, hnsw_m=32, fetch_threads=1)
+    (tmp_path / "spann.json").write_text(json.dumps(saved))
     old = SpannIndex.load(tmp_path, storage=store)
     assert not old.replayable
     old.remove(np.array([300]))
