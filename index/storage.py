@@ -136,7 +136,7 @@ class LmdbBlobStore:
 
             def read(keys: Sequence[int]) -> list[memoryview | bytes | None]:
                 got: list[memoryview | bytes | None] = [None] * len(keys)
-                far: list[tuple[int, int, int]] = []
+                far: list[tuple[int, int, int, int]] = []
                 limit = direct.limit(self.env) if direct is not None else 0
                 for j, k in enumerate(keys):
                     if not cursor.set_key(_KEY.pack(int(k))):
@@ -147,9 +147,9 @@ class LmdbBlobStore:
                     else:
                         far.append((j, *where))
                 if far:
-                    direct.prefetch([(offset, size) for _, offset, size in far])
-                    for j, offset, size in far:
-                        got[j] = direct.view(offset, size)
+                    direct.prefetch([(offset, size) for _, offset, size, _ in far])
+                    for j, _, size, address in far:
+                        got[j] = direct.view(address, size)
                 self._counter.count(got)
                 return got
 
@@ -221,7 +221,9 @@ class _DirectValues:
 
     def __init__(self, fd: int, inode: int, page_size: int) -> None:
         self.fd, self.inode, self.page_size = fd, inode, page_size
-        self.base, self.end = 0, 0  # where file offset 0 is mapped, and the end of that mapping
+        #: (where file offset 0 is mapped, the end of the mapping): one tuple, replaced whole,
+        #: so a reader on another thread never pairs an old base with a new end
+        self.map = (0, 0)
         self.checked = False
         self.disabled = False
         self._closer = weakref.finalize(self, os.close, fd)
@@ -240,46 +242,50 @@ class _DirectValues:
         """Bytes of the data file in use (no located value may end past them)."""
         return (env.info()["last_pgno"] + 1) * self.page_size
 
-    def _find_map(self, addr: int) -> bool:
+    def _find_map(self, addr: int) -> tuple[int, int] | None:
         """The mapping of this file that holds addr (/proc/self/maps gives its file offset)."""
-        self.base = self.end = 0
         with open("/proc/self/maps") as f:
             for line in f:
                 parts = line.split()
                 if len(parts) >= 6 and int(parts[4]) == self.inode:
                     start, end = (int(x, 16) for x in parts[0].split("-"))
                     if start <= addr < end:
-                        self.base, self.end = start - int(parts[2], 16), end
-                        return True
-        return False
+                        self.map = (start - int(parts[2], 16), end)
+                        return self.map
+        return None
 
-    def locate(self, cursor: lmdb.Cursor, limit: int) -> tuple[int, int] | None:
-        """(file offset, size) of the value under a positioned cursor when it lies on
-        overflow pages; None when it is inline in the leaf (read already) or not knowable."""
+    def locate(self, cursor: lmdb.Cursor, limit: int) -> tuple[int, int, int] | None:
+        """(file offset, size, address in the map) of the value under a positioned cursor
+        when it lies on overflow pages; None when it is inline in the leaf (read already)
+        or cannot be placed."""
         if self.disabled:
             return None
         key = cursor.key()
         addr = np.frombuffer(key, np.uint8).ctypes.data
-        if not self.base <= addr < self.end and not self._find_map(addr):
-            self.disabled = True
-            return None
+        base, end = self.map
+        if not base <= addr < end:
+            found = self._find_map(addr)
+            if found is None:
+                self.disabled = True
+                return None
+            base, end = found
         lo, hi, flags, ksize = struct.unpack("<HHHH", ctypes.string_at(addr - 8, 8))
         if not flags & self.BIGDATA or ksize != len(key):
             return None
         (page,) = struct.unpack("<Q", ctypes.string_at(addr + ksize, 8))
         offset, size = page * self.page_size + self.PAGE_HEADER, lo | hi << 16
-        if offset + size > limit or self.base + offset + size > self.end:
+        if offset + size > limit or base + offset + size > end:
             self.disabled = True
             log.warning("storage: a value's overflow pages lie past the data in use; reading through LMDB")
             return None
         if not self.checked:  # once: does our reading of the node agree with LMDB's?
             real = cursor.value()
-            if np.frombuffer(real, np.uint8).ctypes.data != self.base + offset or len(real) != size:
+            if np.frombuffer(real, np.uint8).ctypes.data != base + offset or len(real) != size:
                 self.disabled = True
                 log.warning("storage: LMDB's node layout is not as expected; reading through LMDB")
                 return None
             self.checked = True
-        return offset, size
+        return offset, size, base + offset
 
     def prefetch(self, ranges: Sequence[tuple[int, int]]) -> None:
         """Ask the kernel for every range now: pages not cached are read in large requests,
@@ -287,8 +293,9 @@ class _DirectValues:
         for offset, size in ranges:
             os.posix_fadvise(self.fd, offset, size, os.POSIX_FADV_WILLNEED)
 
-    def view(self, offset: int, size: int) -> memoryview:
-        return memoryview((ctypes.c_char * size).from_address(self.base + offset)).cast("B").toreadonly()
+    @staticmethod
+    def view(address: int, size: int) -> memoryview:
+        return memoryview((ctypes.c_char * size).from_address(address)).cast("B").toreadonly()
 
     def close(self) -> None:
         self._closer()

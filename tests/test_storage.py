@@ -68,3 +68,38 @@ def test_a_misread_node_is_caught_by_the_check_against_lmdb(tmp_path):
     assert all(bytes(g) == values[i] for i, g in enumerate(got))
     assert direct.disabled and not direct.checked
     store.close()
+
+
+def test_readers_on_threads_see_whole_values_while_a_writer_rewrites_them(tmp_path):
+    """Each read returns one complete version of a value (the one its transaction sees),
+    never a mix, while another thread keeps rewriting them onto new overflow pages."""
+    import threading
+
+    store = LmdbBlobStore.open(tmp_path / "s")
+    versions = {k: [bytes([k]) * 40_000] for k in range(8)}
+    store.write({k: v[0] for k, v in versions.items()})
+    stop, errors = threading.Event(), []
+
+    def writer() -> None:
+        for n in range(1, 60):
+            puts = {k: bytes([k, n % 256]) * (20_000 + 500 * n) for k in range(8)}
+            for k, v in puts.items():
+                versions[k].append(v)
+            store.write(puts)
+        stop.set()
+
+    def reader() -> None:
+        while not stop.is_set():
+            with store.viewing() as read:
+                for k, blob in enumerate(read(list(range(8)))):
+                    if bytes(blob) not in versions[k]:
+                        errors.append(k)
+
+    threads = [threading.Thread(target=reader) for _ in range(3)] + [threading.Thread(target=writer)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors
+    assert store._direct.checked and not store._direct.disabled
+    store.close()
