@@ -55,7 +55,10 @@ REQUIRED_DATABASES = ("passages", "vectors", "meta")
 OPTIONAL_DATABASES = ("changes",)
 #: Room for the databases an index keeps beside the shard's (SPANN's head table, versions).
 MAX_DATABASES = 16
-INITIAL_MAP_SIZE = 1 << 30
+#: Address space reserved for the map (the file grows only as data is written). Large, so that
+#: the map almost never has to grow: growing remaps it, and searches reading on other
+#: threads hold views into the old map (py-lmdb: resize only with no transaction open).
+INITIAL_MAP_SIZE = 1 << 38
 _U64 = struct.Struct(">Q")
 T = TypeVar("T")
 

@@ -107,8 +107,10 @@ class LmdbBlobStore:
         return self._counter.snapshot()
 
     @classmethod
-    def open(cls, directory: Path, map_size: int = 1 << 30) -> LmdbBlobStore:
-        """A private environment in `directory` (created when absent)."""
+    def open(cls, directory: Path, map_size: int = 1 << 36) -> LmdbBlobStore:
+        """A private environment in `directory` (created when absent). The map reserves
+        address space, not disk; it is large so that it seldom grows (growing remaps it
+        under any reader's views)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         env = lmdb.open(str(directory), map_size=map_size, max_dbs=8, readahead=False, max_readers=512)
