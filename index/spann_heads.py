@@ -1,11 +1,12 @@
 """SPANN's head index: centroids by head id and a faiss index over the live ones.
 
 Flat search up to `flat_max` heads; above, an inverted file over the heads (faiss IVFFlat,
-~2 sqrt(heads) coarse cells, `nprobe` of them scanned). Why not HNSW (SPTAG uses a graph):
+~4 sqrt(heads) coarse cells, `nprobe` of them scanned). Why not HNSW (SPTAG uses a graph):
 on syn384, a 4,096-cluster mixture, an HNSW graph over 5k heads found a query's right head
 8% of the time whatever efSearch (near-equidistant clusters leave greedy search nowhere to
-go), and 79% over 20k heads; the IVF over 20k heads found 98.7% at 16 cells, as flat search
-does, reading ~5% of the heads. Distances are squared L2.
+go), and 79% over 20k heads. The IVF over those 20k heads, 566 cells, 16 probed, finds
+98.65% (flat search: 98.7%) comparing ~1.1k heads a query; 283 cells needed 32 probes and
+twice the time for 98.5%. Distances are squared L2.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ class HeadIndex:
         self._built_for = len(live)
         self._ivf = None
         if len(live) > self.flat_max:
-            cells = max(1, int(2 * np.sqrt(len(live))))
+            cells = max(1, int(4 * np.sqrt(len(live))))
             quantizer = faiss.IndexFlatL2(self.dim)
             self._ivf = faiss.IndexIVFFlat(quantizer, self.dim, cells)
             self._ivf.cp.min_points_per_centroid = 1  # few heads per cell is the point here
