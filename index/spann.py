@@ -336,6 +336,9 @@ class SpannIndex(BulkBuild, Persistence):
 
     def _chunks(self, lists: list[np.ndarray]) -> Iterable[slice]:
         """Consecutive query slices whose distinct lists fit CHUNK_BYTES (at the mean list size)."""
+        if len(lists) <= 1:  # a single query (the common case): no need to size the lists
+            yield slice(0, len(lists))
+            return
         per_list = max(1, self.store.disk_bytes() // max(1, self.heads.count))
         most = max(1, self.CHUNK_BYTES // per_list)
         start, seen = 0, set()
