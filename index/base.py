@@ -127,3 +127,27 @@ def check_ids(ids: np.ndarray, n: int) -> np.ndarray:
 
 def dir_size(directory: Path) -> int:
     return sum(p.stat().st_size for p in Path(directory).rglob("*") if p.is_file())
+
+
+def distinct_top(ids: np.ndarray, scores: np.ndarray, k: int, copies: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's best k distinct ids of (Q, n) candidates, best first: (ids, scores), padded
+    with (MISSING_ID, -inf). Why: an index that replicates entries (SPANN) meets one id in
+    several lists with one score; `copies` bounds how often an id repeats in a row, so the
+    best k x copies candidates always hold k distinct ids and the rest need no sorting."""
+    m = min(ids.shape[1], k * copies)
+    if m < ids.shape[1]:
+        part = np.argpartition(-scores, m - 1, axis=1)[:, :m]
+        ids, scores = np.take_along_axis(ids, part, 1), np.take_along_axis(scores, part, 1)
+    order = np.argsort(-scores, axis=1, kind="stable")
+    ids, scores = np.take_along_axis(ids, order, 1), np.take_along_axis(scores, order, 1)
+    by_id = np.argsort(ids, axis=1, kind="stable")  # equal ids stay in score order
+    sorted_ids = np.take_along_axis(ids, by_id, 1)
+    repeat = np.zeros(ids.shape, bool)
+    repeat[:, 1:] = sorted_ids[:, 1:] == sorted_ids[:, :-1]
+    drop = np.empty_like(repeat)
+    np.put_along_axis(drop, by_id, repeat, 1)
+    drop |= (ids == MISSING_ID) | ~np.isfinite(scores)
+    keep = np.argsort(drop, axis=1, kind="stable")[:, :k]  # kept first, still in score order
+    ids, scores = np.take_along_axis(ids, keep, 1), np.take_along_axis(scores, keep, 1)
+    gone = np.take_along_axis(drop, keep, 1)
+    return np.where(gone, MISSING_ID, ids), np.where(gone, -np.inf, scores).astype(np.float32)

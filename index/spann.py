@@ -47,8 +47,10 @@ from index.base import (
     SearchParams,
     SearchResult,
     check_dim_metric,
+    MISSING_ID,
     check_ids,
     check_vectors,
+    distinct_top,
 )
 from index.kmeans import balanced_kmeans, hierarchical_heads, squared_distances
 from index.postings import Posting
@@ -328,26 +330,32 @@ class SpannIndex(BulkBuild, Persistence):
                 rerank(queries[chunk], cand.ids, self.floats, self.metric, out.ids[chunk], out.scores[chunk])
         return out
 
-    #: Queries scanned together: their lists are read and decoded once into one arena, of
-    #: at most QUERY_CHUNK queries and about CHUNK_BYTES of lists (on syn384-2m, 256 queries'
-    #: lists came to ~400 MB, and batches ran 13x slower per query than single queries).
-    QUERY_CHUNK = 256
-    CHUNK_BYTES = 32 << 20
+    #: Queries scanned together: their distinct lists are read once and each scored against
+    #: all the chunk's queries that probe it. A chunk holds at most QUERY_CHUNK queries, lists
+    #: of about CHUNK_BYTES (asked of the disk at once when cold), and a score table of about
+    #: TABLE_CELLS (queries x entries of a query's lists; 12 bytes a cell).
+    QUERY_CHUNK = 1024
+    CHUNK_BYTES = 128 << 20
+    TABLE_CELLS = 4 << 20
 
     def _chunks(self, lists: list[np.ndarray]) -> Iterable[slice]:
-        """Consecutive query slices whose distinct lists fit CHUNK_BYTES (at the mean list size)."""
+        """Consecutive query slices within the three bounds above (at the mean list size)."""
         if len(lists) <= 1:  # a single query (the common case): no need to size the lists
             yield slice(0, len(lists))
             return
         per_list = max(1, self.store.disk_bytes() // max(1, self.heads.count))
+        entries = max(1, per_list // (10 + self.rows.row_bytes))
         most = max(1, self.CHUNK_BYTES // per_list)
-        start, seen = 0, set()
+        start, seen, widest = 0, set(), 0
         for q, heads in enumerate(lists):
             hs = heads.tolist()
-            if q > start and (q - start >= self.QUERY_CHUNK or len(seen.union(hs)) > most):
+            wide = max(widest, len(hs))
+            if q > start and (q - start >= self.QUERY_CHUNK or len(seen.union(hs)) > most
+                              or (q - start + 1) * wide * entries > self.TABLE_CELLS):
                 yield slice(start, q)
-                start, seen = q, set()
+                start, seen, wide = q, set(), len(hs)
             seen.update(hs)
+            widest = wide
         if start < len(lists):
             yield slice(start, len(lists))
 
@@ -356,45 +364,59 @@ class SpannIndex(BulkBuild, Persistence):
         """Score each query's probed lists, skipping stale, deleted and invisible entries,
         and write its best k distinct ids (exact scores for floats, SDC scores for codes).
 
-        The chunk's lists are read in one transaction and decoded once."""
-        if not any(len(h) for h in lists):
+        List-major: each distinct list of the chunk is read once (one transaction) and scored
+        against every query of the chunk that probes it in one matrix product, into a
+        (queries, entries) score table; the top k distinct ids of all rows are then taken at
+        once. Per-query Python work would cost more than the scoring itself."""
+        counts = np.fromiter(map(len, lists), np.int64, len(lists))
+        if not counts.sum():
             return
-        wanted = np.unique(np.concatenate(lists))
-        deleted = np.fromiter(self._deleted, np.int64, len(self._deleted)) if self._deleted else None
-        limit = k * (self.config.replicas + 1)  # replicas share a score: this many hold k distinct ids
+        pair_q = np.repeat(np.arange(len(lists)), counts)  # (query, list) pairs, query-major
+        distinct, pair_list = np.unique(np.concatenate(lists), return_inverse=True)
         prepared = self.rows.prepare(queries)
+        deleted = np.fromiter(self._deleted, np.int64, len(self._deleted)) if self._deleted else None
         with self.store.viewing() as read:
-            decoded: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-            blobs = read(wanted.tolist())
-            for h, blob in zip(wanted.tolist(), blobs):
-                if blob is None:
+            entries = [self._visible(blob, deleted, tenant, allowed_ids) for blob in read(distinct.tolist())]
+            sizes = np.fromiter((len(e[0]) for e in entries), np.int64, len(entries))
+            pair_n = sizes[pair_list]
+            ends = np.cumsum(pair_n)
+            first = ends[np.cumsum(counts) - counts] - pair_n[np.cumsum(counts) - counts]  # per query
+            pair_col = ends - pair_n - np.repeat(np.where(counts > 0, first, 0), counts)
+            width = int(np.bincount(pair_q, pair_n, len(lists)).max())
+            if not width:
+                return
+            scores = np.full((len(lists), width), -np.inf, np.float32)
+            ids = np.full((len(lists), width), MISSING_ID, np.int64)
+            by_list = np.argsort(pair_list, kind="stable")
+            bounds = np.flatnonzero(np.diff(pair_list[by_list])) + 1
+            for pairs in np.split(by_list, bounds):
+                list_ids, rows = entries[pair_list[pairs[0]]]
+                if not len(list_ids):
                     continue
-                p = codec.decode(blob, self._width)
-                if self.rows.exact:  # float16 lists: convert once per chunk, not once per query
-                    p = Posting(p.ids, p.versions, codec.aligned(p.vectors.astype(np.float32, copy=False)))
-                ok = p.versions == self._current_versions(p.ids) if self._versions else None
-                for mask in (~np.isin(p.ids, deleted) if deleted is not None else None,
-                             self.tenants.visible_mask(p.ids, tenant),
-                             np.isin(p.ids, allowed_ids) if allowed_ids is not None else None):
-                    if mask is not None:
-                        ok = mask if ok is None else ok & mask
-                if ok is not None and not ok.all():
-                    decoded[h] = (p.ids[ok], p.vectors[ok])
-                else:
-                    decoded[h] = (p.ids, p.vectors)
-            for q, heads in enumerate(lists):
-                parts = [decoded[h] for h in heads.tolist() if h in decoded and len(decoded[h][0])]
-                if not parts:
-                    continue
-                ids = np.concatenate([i for i, _ in parts])
-                scores = self.rows.score(prepared[q], [v for _, v in parts])
-                m = min(len(ids), limit)
-                cand = np.argpartition(-scores, m - 1)[:m] if m < len(ids) else np.arange(len(ids))
-                cand = cand[np.argsort(-scores[cand], kind="stable")]
-                _, first = np.unique(ids[cand], return_index=True)
-                top = cand[np.sort(first)][:k]
-                out_ids[q, :len(top)] = ids[top]
-                out_scores[q, :len(top)] = scores[top]
+                qs = pair_q[pairs]
+                cols = pair_col[pairs][:, None] + np.arange(len(list_ids))
+                scores[qs[:, None], cols] = self.rows.score(prepared[qs], rows)
+                ids[qs[:, None], cols] = list_ids
+        top_ids, top_scores = distinct_top(ids, scores, k, self.config.replicas + 1)
+        out_ids[:, :top_ids.shape[1]] = top_ids
+        out_scores[:, :top_ids.shape[1]] = top_scores
+
+    def _visible(self, blob: memoryview | None, deleted: np.ndarray | None, tenant: str | None,
+                 allowed_ids: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, rows) of a list's entries a search may return: current versions, not deleted,
+        visible to the tenant and allowed; the list's own arrays (zero-copy) when all are."""
+        if blob is None:
+            return np.zeros(0, np.int64), np.zeros((0, self._width), self.rows.dtype)
+        p = codec.decode(blob, self._width)
+        ok = p.versions == self._current_versions(p.ids) if self._versions else None
+        for mask in (~np.isin(p.ids, deleted) if deleted is not None else None,
+                     self.tenants.visible_mask(p.ids, tenant),
+                     np.isin(p.ids, allowed_ids) if allowed_ids is not None else None):
+            if mask is not None:
+                ok = mask if ok is None else ok & mask
+        if ok is not None and not ok.all():
+            return p.ids[ok], p.vectors[ok]
+        return p.ids, p.vectors
 
     # -- updates (SPFresh LIRE) -----------------------------------------------------------------
 

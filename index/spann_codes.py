@@ -46,13 +46,15 @@ class FloatRows:
     def prepare(self, queries: np.ndarray) -> np.ndarray:
         return queries
 
-    def score(self, query: np.ndarray, parts: list[np.ndarray]) -> np.ndarray:
-        """Similarities of one query to the rows of each part, concatenated.
-
-        A matrix-vector product per list beats gathering the lists' rows into one matrix."""
+    def score(self, queries: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """Similarities (Q, n) of prepared queries to one list's rows: one matrix product,
+        so a list probed by several queries of a batch is read from memory once."""
+        rows = rows.astype(np.float32, copy=False)
         if self.metric == "ip":
-            return np.concatenate([v.astype(np.float32, copy=False) @ query for v in parts])
-        return -np.concatenate([((v.astype(np.float32, copy=False) - query) ** 2).sum(1) for v in parts])
+            return queries @ rows.T
+        scores = 2.0 * (queries @ rows.T) - np.einsum("ij,ij->i", rows, rows)
+        scores -= np.einsum("ij,ij->i", queries, queries)[:, None]
+        return np.minimum(scores, 0, out=scores)  # minus squared distances: never above 0
 
 
 class BinaryRows:
@@ -81,11 +83,10 @@ class BinaryRows:
         """The queries' codes (Q, bits, words): SDC binarizes both sides."""
         return self.binarizer.encode(queries)
 
-    def score(self, query: np.ndarray, parts: list[np.ndarray]) -> np.ndarray:
-        """Integer SDC scores of one query's code (bits, words) against the parts' codes."""
-        rows = np.concatenate(parts) if len(parts) > 1 else parts[0]
+    def score(self, queries: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """Integer SDC scores (Q, n) of prepared query codes (Q, bits, words) against one list's codes."""
         planes = sdc.to_planes(rows.reshape(len(rows), self.bits, self.words))
-        return sdc.sdc_int(query[None], planes, self.m)[0]
+        return sdc.sdc_int(queries, planes, self.m)
 
     def memory_bytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in self.binarizer.model.parameters())
