@@ -86,7 +86,7 @@ class SpannIndex(BulkBuild, Persistence):
         self.state = SpannState(storage) if isinstance(storage, LmdbBlobStore) else None
         #: loaded from a save that kept heads and versions in files: LMDB holds none of them yet
         self._state_unwritten = False
-        self.heads = HeadIndex(dim, self.config.head_flat_max, self.config.head_nprobe)
+        self.heads = HeadIndex(dim, self.config.head_flat_max, self.config.head_nprobe, spherical=metric == "ip")
         self.max_posting = self.config.max_posting
         self._versions: dict[int, int] = {}
         self._deleted: set[int] = set()

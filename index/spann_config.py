@@ -57,9 +57,10 @@ class SpannConfig:
     #: (20,000 by default). Raise train_sample for more heads.
     sample_per_head: int = 10
     #: Heads are searched exactly up to this many; above, through an inverted file over them
-    #: (index/spann_heads.py) that scans `head_nprobe` of its ~4 sqrt(heads) cells.
+    #: (index/spann_heads.py) that scans `head_nprobe` of its ~16 sqrt(heads) cells (spherical
+    #: cells for metric "ip").
     head_flat_max: int = 8192
-    head_nprobe: int = 16
+    head_nprobe: int = 64
     #: Bulk build: assignments gather in memory up to this many bytes of vectors before they
     #: spill to scratch LMDB sorted by head (peak build memory is ~2x this, whatever N).
     stage_bytes: int = 64 << 20

@@ -2,6 +2,7 @@
 must find the heads exact search finds, follow adds and removes, and keep SPANN's recall."""
 
 import numpy as np
+import pytest
 
 from index.spann_heads import HeadIndex
 from tests.test_spann import build, clustered, exact, recall
@@ -20,13 +21,26 @@ def _coverage(found: np.ndarray, truth: np.ndarray) -> float:
     return float(np.mean([t in f for f, t in zip(found, truth)]))
 
 
-def test_inverted_file_over_heads_finds_what_exact_search_finds():
-    heads = _mixture(3000)
-    queries = heads[:300] + 0.2 * np.random.default_rng(1).standard_normal(heads[:300].shape).astype(np.float32)
+def _unit_mixture(n: int, d: int = 48, clusters: int = 400, seed: int = 0) -> np.ndarray:
+    """Heads of unit-norm data: means of normalized vectors, so a little shorter than 1."""
+    rng = np.random.default_rng(seed)
+    c = rng.standard_normal((clusters, d)).astype(np.float32)
+    c /= np.linalg.norm(c, axis=1, keepdims=True)
+    x = c[rng.integers(0, clusters, n)] + 0.05 * rng.standard_normal((n, d)).astype(np.float32)
+    return (0.8 * x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+@pytest.mark.parametrize("spherical", [False, True])
+def test_inverted_file_over_heads_finds_what_exact_search_finds(spherical):
+    heads = _unit_mixture(3000) if spherical else _mixture(3000)
+    noise = 0.2 * np.random.default_rng(1).standard_normal(heads[:300].shape).astype(np.float32)
+    queries = heads[:300] + (noise / 8 if spherical else noise)
     exact_index = HeadIndex(heads.shape[1], flat_max=10**9, nprobe=8)
     exact_index.reset(heads)
-    ivf = HeadIndex(heads.shape[1], flat_max=500, nprobe=8)
+    ivf = HeadIndex(heads.shape[1], flat_max=500, nprobe=8, spherical=spherical)
     ivf.reset(heads)
+    sizes = np.array([ivf._ivf.invlists.list_size(c) for c in range(ivf._ivf.nlist)])
+    assert sizes.max() <= 6 * sizes.mean()  # even cells: no hub cell that every query reads
     assert ivf._ivf is not None and exact_index._ivf is None
     _, nearest = exact_index.search(queries, 1)
     _, found = ivf.search(queries, 8)
