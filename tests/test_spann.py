@@ -74,6 +74,34 @@ def test_replicas_are_never_returned_twice(index, data):
     assert (np.diff(res.scores, axis=1)[res.ids[:, 1:] >= 0] <= 1e-6).all()  # sorted best first
 
 
+def test_a_batch_scores_as_its_queries_one_at_a_time(index, data):
+    """The list-major scan shares lists between a chunk's queries: that must not change what
+    each query gets (several chunks: a small query chunk forces them)."""
+    _, _, q, _ = data
+    params = SearchParams(prune_epsilon=1.0, nprobe=12)
+    index.QUERY_CHUNK = 37
+    try:
+        batch = index.search(q, 10, params=params)
+    finally:
+        del index.QUERY_CHUNK
+    for i in range(0, len(q), 17):
+        one = index.search(q[i:i + 1], 10, params=params)
+        assert (one.ids[0] == batch.ids[i]).all()
+        np.testing.assert_allclose(one.scores[0], batch.scores[i], rtol=1e-5, atol=1e-5)
+
+
+def test_l2_scores_are_minus_squared_distances(data):
+    ids, x, q, _ = data
+    ix = create_index("spann", x.shape[1], "l2")
+    ix.train(x[:5000:2])
+    ix.add(ids[:5000], x[:5000])
+    res = ix.search(q[:20], 5)
+    pos = {int(i): n for n, i in enumerate(ids[:5000])}
+    for row_ids, row_scores, query in zip(res.ids, res.scores, q[:20]):
+        want = -((x[[pos[int(i)] for i in row_ids]] - query) ** 2).sum(1)
+        np.testing.assert_allclose(row_scores, want, rtol=1e-4, atol=1e-5)
+
+
 def test_closure_replication_and_the_rng_rule(data):
     ids, x, _, _ = data
     wide = build(ids[:8000], x[:8000], closure_epsilon=10.0, rng_factor=1e9)
