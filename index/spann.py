@@ -389,14 +389,16 @@ class SpannIndex(BulkBuild, Persistence):
             ids = np.full((len(lists), width), MISSING_ID, np.int64)
             by_list = np.argsort(pair_list, kind="stable")
             bounds = np.flatnonzero(np.diff(pair_list[by_list])) + 1
-            for pairs in np.split(by_list, bounds):
+            for pairs in np.split(by_list, bounds):  # each distinct list scored once
                 list_ids, rows = entries[pair_list[pairs[0]]]
-                if not len(list_ids):
+                n = len(list_ids)
+                if not n:
                     continue
                 qs = pair_q[pairs]
-                cols = pair_col[pairs][:, None] + np.arange(len(list_ids))
-                scores[qs[:, None], cols] = self.rows.score(prepared[qs], rows)
-                ids[qs[:, None], cols] = list_ids
+                block = self.rows.score(prepared[qs], rows)
+                for j, (q, c) in enumerate(zip(qs.tolist(), pair_col[pairs].tolist())):
+                    scores[q, c:c + n] = block[j]  # slices: cheaper than one fancy scatter
+                    ids[q, c:c + n] = list_ids
         top_ids, top_scores = distinct_top(ids, scores, k, self.config.replicas + 1)
         out_ids[:, :top_ids.shape[1]] = top_ids
         out_scores[:, :top_ids.shape[1]] = top_scores
