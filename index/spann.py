@@ -42,12 +42,12 @@ import numpy as np
 
 from index import postings as codec
 from index.base import (
+    MISSING_ID,
     IndexStats,
     Metric,
     SearchParams,
     SearchResult,
     check_dim_metric,
-    MISSING_ID,
     check_ids,
     check_vectors,
     distinct_top,
@@ -379,10 +379,10 @@ class SpannIndex(BulkBuild, Persistence):
             entries = [self._visible(blob, deleted, tenant, allowed_ids) for blob in read(distinct.tolist())]
             sizes = np.fromiter((len(e[0]) for e in entries), np.int64, len(entries))
             pair_n = sizes[pair_list]
-            ends = np.cumsum(pair_n)
-            first = ends[np.cumsum(counts) - counts] - pair_n[np.cumsum(counts) - counts]  # per query
-            pair_col = ends - pair_n - np.repeat(np.where(counts > 0, first, 0), counts)
-            width = int(np.bincount(pair_q, pair_n, len(lists)).max())
+            # a pair's column in its query's row: the entries of the query's earlier lists
+            per_query = np.bincount(pair_q, pair_n, len(lists)).astype(np.int64)
+            pair_col = np.cumsum(pair_n) - pair_n - np.repeat(np.cumsum(per_query) - per_query, counts)
+            width = int(per_query.max())
             if not width:
                 return
             scores = np.full((len(lists), width), -np.inf, np.float32)
@@ -418,7 +418,7 @@ class SpannIndex(BulkBuild, Persistence):
                 ok = mask if ok is None else ok & mask
         if ok is not None and not ok.all():
             return p.ids[ok], p.vectors[ok]
-        return p.ids, p.vectors
+        return p.ids, codec.aligned(p.vectors)  # copied only if misaligned (blobs from before padding)
 
     # -- updates (SPFresh LIRE) -----------------------------------------------------------------
 
