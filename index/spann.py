@@ -172,6 +172,10 @@ class SpannIndex(BulkBuild, Persistence):
             ok = (ids >= 0) & (np.sqrt(np.maximum(d, 0)) <= (1 + cfg.closure_epsilon) * np.sqrt(np.maximum(d[:, :1], 0)))
             ok[:, 0] = ids[:, 0] >= 0
             hv = self.heads.vectors[np.maximum(ids, 0)]  # (b, c, dim)
+            # squared distances between each vector's candidate heads, from their Gram matrix
+            # (differences of every pair cost ~5x more: (b, c, dim) temporaries per candidate)
+            norms = np.einsum("bcd,bcd->bc", hv, hv)
+            apart = norms[:, :, None] + norms[:, None, :] - 2.0 * np.matmul(hv, hv.transpose(0, 2, 1))
             chosen = np.zeros_like(ok)
             chosen[:, 0] = ok[:, 0]
             counts = chosen[:, 0].astype(np.int64)
@@ -179,7 +183,7 @@ class SpannIndex(BulkBuild, Persistence):
                 live = ok[:, j] & (counts < cfg.replicas)
                 if not live.any():
                     continue
-                between = ((hv[:, :j] - hv[:, j:j + 1]) ** 2).sum(-1)  # (b, j): chosen heads to head j
+                between = apart[:, :j, j]  # (b, j): chosen heads to head j
                 blocked = (chosen[:, :j] & (cfg.rng_factor * between < d[:, j:j + 1])).any(1)
                 chosen[:, j] = live & ~blocked
                 counts += chosen[:, j]
