@@ -35,26 +35,37 @@ class HeadIndex:
         self._index = None
         self._ivf: faiss.IndexIVFFlat | None = None
         self._built_for = 0
+        self._cells: np.ndarray | None = None
 
-    def reset(self, vectors: np.ndarray, alive: np.ndarray | None = None) -> None:
+    def reset(self, vectors: np.ndarray, alive: np.ndarray | None = None, cells: np.ndarray | None = None) -> None:
+        """Heads by id; `cells`: coarse centroids kept from an earlier build (a save), so an
+        open skips their k-means (~10 s at 20k heads)."""
         self.vectors = np.ascontiguousarray(vectors, np.float32)
         self.alive = np.ones(len(vectors), bool) if alive is None else alive.copy()
-        self._rebuild()
+        self._rebuild(cells)
 
-    def _rebuild(self) -> None:
+    @property
+    def cells(self) -> np.ndarray | None:
+        """The coarse centroids of the inverted file (None while the search is flat)."""
+        return self._cells if self._ivf is not None else None
+
+    def _rebuild(self, cells: np.ndarray | None = None) -> None:
         live = np.flatnonzero(self.alive)
         self._built_for = len(live)
         self._ivf = None
         if len(live) > self.flat_max:
-            cells = max(1, min(len(live) // 2, int(self.CELLS_PER_SQRT * np.sqrt(len(live)))))
-            km = faiss.Kmeans(self.dim, cells, niter=10, seed=1234, spherical=self.spherical,
-                              min_points_per_centroid=1)  # few heads per cell is the point here
-            with omp_threads(None):
-                km.train(self.vectors[live])
+            if cells is None or cells.ndim != 2 or cells.shape[1] != self.dim or not len(cells):
+                count = max(1, min(len(live) // 2, int(self.CELLS_PER_SQRT * np.sqrt(len(live)))))
+                km = faiss.Kmeans(self.dim, count, niter=10, seed=1234, spherical=self.spherical,
+                                  min_points_per_centroid=1)  # few heads per cell is the point here
+                with omp_threads(None):
+                    km.train(self.vectors[live])
+                cells = km.centroids
             # spherical: a head's cell is the centroid of largest inner product (unit centroids)
             quantizer = faiss.IndexFlatIP(self.dim) if self.spherical else faiss.IndexFlatL2(self.dim)
-            quantizer.add(km.centroids)
-            self._ivf = faiss.IndexIVFFlat(quantizer, self.dim, cells, faiss.METRIC_L2)
+            self._cells = np.ascontiguousarray(cells, np.float32)
+            quantizer.add(self._cells)
+            self._ivf = faiss.IndexIVFFlat(quantizer, self.dim, len(cells), faiss.METRIC_L2)
             self._ivf.is_trained = True
             self._index = self._ivf
         else:

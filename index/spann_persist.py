@@ -24,6 +24,8 @@ from index.storage import BlobStore, LmdbBlobStore
 STATE_FILE = "spann.json"
 ARRAYS_FILE = "spann.npz"
 BINARIZER_FILE = "spann.binarizer.pt"
+#: The head index's coarse centroids: an open reuses them instead of clustering the heads again.
+CELLS_FILE = "spann.cells.npy"
 POSTINGS_DIR = "postings"
 #: Config fields of older saves that no longer exist: the HNSW head index (replaced by an
 #: IVF) and fetch threads (lists are now prefetched by the kernel, index/storage.py).
@@ -51,6 +53,11 @@ class Persistence:
                          deleted=np.fromiter(self._deleted, np.int64, len(self._deleted)))
             if isinstance(self.rows, BinaryRows):
                 self.rows.binarizer.save(directory / BINARIZER_FILE)
+            cells = self.heads.cells
+            if cells is not None:
+                np.save(directory / CELLS_FILE, cells)
+            else:
+                (directory / CELLS_FILE).unlink(missing_ok=True)
             state = {"dim": self.dim, "metric": self.metric, "config": asdict(self.config),
                      "max_posting": self.max_posting, "count": self._count,
                      "tenant_map": self.tenants.state(), "binarizer": isinstance(self.rows, BinaryRows),
@@ -73,17 +80,18 @@ class Persistence:
         config = {k: v for k, v in state["config"].items() if k not in _RETIRED_CONFIG}
         index = cls(state["dim"], state["metric"], storage=storage, **config)
         index.max_posting, index._count = state["max_posting"], state["count"]
+        cells = np.load(directory / CELLS_FILE) if (directory / CELLS_FILE).is_file() else None
         if state.get("state") == "lmdb":
             if index.state is None:
                 raise ValueError(f"{directory}: this SPANN index keeps its state in LMDB; open it over an LMDB store")
             persisted = index.state.load(index.dim)
             if persisted is not None:  # else nothing was ever committed: an empty index
                 vectors, alive, index._versions, index._deleted, meta = persisted
-                index.heads.reset(vectors, alive)
+                index.heads.reset(vectors, alive, cells)
                 index.max_posting, index._count = meta["max_posting"], meta["count"]
         else:  # an older save: heads and versions in spann.npz, lists possibly ahead of them
             arrays = np.load(directory / ARRAYS_FILE)
-            index.heads.reset(arrays["heads"], arrays["alive"])
+            index.heads.reset(arrays["heads"], arrays["alive"], cells)
             index._versions = dict(zip(arrays["version_ids"].tolist(), arrays["version_vals"].tolist()))
             index._deleted = set(arrays["deleted"].tolist())
             index.replayable = False

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from index.spann_heads import HeadIndex
+from index import load_index
 from tests.test_spann import build, clustered, exact, recall
 
 
@@ -92,3 +93,17 @@ def test_spann_over_an_inverted_file_of_heads_keeps_recall_through_splits():
     flat = build(ids, x, max_posting=96)
     r_ivf, r_flat = recall(ix.search(q, 10).ids, truth), recall(flat.search(q, 10).ids, truth)
     assert r_ivf >= 0.93 and r_ivf >= r_flat - 0.02, (r_ivf, r_flat)
+
+
+def test_a_saved_index_reopens_with_its_head_cells_and_answers_the_same(tmp_path):
+    x, q = clustered(12_000, seed=7)
+    ids = np.arange(len(x), dtype=np.int64)
+    ix = build(ids, x, head_flat_max=32)
+    assert ix.heads._ivf is not None
+    before = ix.search(q, 10)
+    ix.save(tmp_path / "ix")
+    assert (tmp_path / "ix" / "spann.cells.npy").is_file()
+    again = load_index("spann", tmp_path / "ix")
+    np.testing.assert_array_equal(again.heads.cells, ix.heads.cells)  # reused, not clustered anew
+    after = again.search(q, 10)
+    assert (after.ids == before.ids).all()
