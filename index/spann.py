@@ -40,6 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
+from index import heap
 from index import postings as codec
 from index.base import (
     MISSING_ID,
@@ -332,15 +333,19 @@ class SpannIndex(BulkBuild, Persistence):
                 cand = SearchResult.empty(len(queries[chunk]), wanted)
                 self._scan(queries[chunk], wanted, lists[chunk], tenant, allowed_ids, cand.ids, cand.scores)
                 rerank(queries[chunk], cand.ids, self.floats, self.metric, out.ids[chunk], out.scores[chunk])
+        if len(queries) > 1:  # a batch's score tables: give the heap back (index/heap.py)
+            heap.trim()
         return out
 
     #: Queries scanned together: their distinct lists are read once and each scored against
     #: all the chunk's queries that probe it. A chunk holds at most QUERY_CHUNK queries, lists
     #: of about CHUNK_BYTES (asked of the disk at once when cold), and a score table of about
-    #: TABLE_CELLS (queries x entries of a query's lists; 12 bytes a cell).
+    #: TABLE_CELLS (queries x entries of a query's lists; 12 bytes a cell, and as much again
+    #: while the top k is taken). A larger table shares more lists but is memory the process
+    #: keeps: at 4M cells, glove-50's search grew the heap by ~100 MB, more than its floats.
     QUERY_CHUNK = 1024
     CHUNK_BYTES = 128 << 20
-    TABLE_CELLS = 4 << 20
+    TABLE_CELLS = 1 << 19
 
     def _chunks(self, lists: list[np.ndarray]) -> Iterable[slice]:
         """Consecutive query slices within the three bounds above (at the mean list size)."""
@@ -381,6 +386,16 @@ class SpannIndex(BulkBuild, Persistence):
         deleted = np.fromiter(self._deleted, np.int64, len(self._deleted)) if self._deleted else None
         with self.store.viewing() as read:
             entries = [self._visible(blob, deleted, tenant, allowed_ids) for blob in read(distinct.tolist())]
+            if len(lists) == 1:  # one query: its lists' scores side by side, no table to fill
+                kept = [e for e in entries if len(e[0])]
+                if not kept:
+                    return
+                ids = np.concatenate([e[0] for e in kept])[None]
+                scores = np.concatenate([self.rows.score(prepared, rows)[0] for _, rows in kept])[None]
+                top_ids, top_scores = distinct_top(ids, scores.astype(np.float32), k, self.config.replicas + 1)
+                out_ids[:, :top_ids.shape[1]] = top_ids
+                out_scores[:, :top_ids.shape[1]] = top_scores
+                return
             sizes = np.fromiter((len(e[0]) for e in entries), np.int64, len(entries))
             pair_n = sizes[pair_list]
             # a pair's column in its query's row: the entries of the query's earlier lists
