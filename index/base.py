@@ -135,6 +135,8 @@ def distinct_top(ids: np.ndarray, scores: np.ndarray, k: int, copies: int = 1) -
     several lists with one score; `copies` bounds how often an id repeats in a row, so the
     best k x copies candidates always hold k distinct ids and the rest need no sorting."""
     m = min(ids.shape[1], k * copies)
+    if ids.shape[0] == 1:  # one query (most searches): 1-d steps, ~5x less numpy overhead
+        return _distinct_top_row(ids[0], scores[0], k, m)
     if m < ids.shape[1]:
         part = np.argpartition(-scores, m - 1, axis=1)[:, :m]
         ids, scores = np.take_along_axis(ids, part, 1), np.take_along_axis(scores, part, 1)
@@ -151,3 +153,15 @@ def distinct_top(ids: np.ndarray, scores: np.ndarray, k: int, copies: int = 1) -
     ids, scores = np.take_along_axis(ids, keep, 1), np.take_along_axis(scores, keep, 1)
     gone = np.take_along_axis(drop, keep, 1)
     return np.where(gone, MISSING_ID, ids), np.where(gone, -np.inf, scores).astype(np.float32)
+
+
+def _distinct_top_row(ids: np.ndarray, scores: np.ndarray, k: int, m: int) -> tuple[np.ndarray, np.ndarray]:
+    cand = np.argpartition(-scores, m - 1)[:m] if m < len(ids) else np.arange(len(ids))
+    cand = cand[np.argsort(-scores[cand], kind="stable")]
+    cand = cand[(ids[cand] != MISSING_ID) & np.isfinite(scores[cand])]
+    _, first = np.unique(ids[cand], return_index=True)
+    top = cand[np.sort(first)][:k]
+    out_ids = np.full((1, k), MISSING_ID, np.int64)
+    out_scores = np.full((1, k), -np.inf, np.float32)
+    out_ids[0, :len(top)], out_scores[0, :len(top)] = ids[top], scores[top]
+    return out_ids, out_scores

@@ -26,9 +26,11 @@ def test_distinct_top_keeps_each_rows_best_k_distinct_ids():
     got_ids, got_scores = distinct_top(ids, scores, 10, copies=copies)
     for row in range(50):
         want_ids, want_scores = _reference(ids[row], scores[row], 10)
-        np.testing.assert_allclose(got_scores[row, :len(want_scores)], want_scores)
-        assert got_ids[row, :len(want_ids)].tolist() == want_ids
-        assert (got_ids[row, len(want_ids):] == MISSING_ID).all()
+        one_ids, one_scores = distinct_top(ids[row:row + 1], scores[row:row + 1], 10, copies=copies)
+        for got_i, got_s in ((got_ids[row], got_scores[row]), (one_ids[0], one_scores[0])):  # batch, single row
+            np.testing.assert_allclose(got_s[:len(want_scores)], want_scores)
+            assert got_i[:len(want_ids)].tolist() == want_ids
+            assert (got_i[len(want_ids):] == MISSING_ID).all()
 
 
 def test_distinct_top_pads_short_rows():
@@ -37,3 +39,5 @@ def test_distinct_top_pads_short_rows():
     got_ids, got_scores = distinct_top(ids, scores, 3, copies=2)
     assert got_ids.tolist() == [[5, 7, MISSING_ID]]
     assert got_scores[0, 2] == -np.inf
+    got_ids, _ = distinct_top(np.concatenate([ids, ids]), np.concatenate([scores, scores]), 3, copies=2)
+    assert got_ids.tolist() == [[5, 7, MISSING_ID]] * 2
