@@ -358,13 +358,12 @@ class SpannIndex(BulkBuild, Persistence):
         start, seen, widest = 0, set(), 0
         for q, heads in enumerate(lists):
             hs = heads.tolist()
-            wide = max(widest, len(hs))
+            widest = max(widest, len(hs))
             if q > start and (q - start >= self.QUERY_CHUNK or len(seen.union(hs)) > most
-                              or (q - start + 1) * wide * entries > self.TABLE_CELLS):
+                              or (q - start + 1) * widest * entries > self.TABLE_CELLS):
                 yield slice(start, q)
-                start, seen, wide = q, set(), len(hs)
+                start, seen, widest = q, set(), len(hs)
             seen.update(hs)
-            widest = wide
         if start < len(lists):
             yield slice(start, len(lists))
 
@@ -392,7 +391,7 @@ class SpannIndex(BulkBuild, Persistence):
                     return
                 ids = np.concatenate([e[0] for e in kept])[None]
                 scores = np.concatenate([self.rows.score(prepared, rows)[0] for _, rows in kept])[None]
-                top_ids, top_scores = distinct_top(ids, scores.astype(np.float32), k, self.config.replicas + 1)
+                top_ids, top_scores = distinct_top(ids, scores, k, self.config.replicas + 1)
                 out_ids[:, :top_ids.shape[1]] = top_ids
                 out_scores[:, :top_ids.shape[1]] = top_scores
                 return

@@ -35,7 +35,6 @@ class HeadIndex:
         self._index = None
         self._ivf: faiss.IndexIVFFlat | None = None
         self._built_for = 0
-        self._cells: np.ndarray | None = None
 
     def reset(self, vectors: np.ndarray, alive: np.ndarray | None = None, cells: np.ndarray | None = None) -> None:
         """Heads by id; `cells`: coarse centroids kept from an earlier build (a save), so an
@@ -47,7 +46,9 @@ class HeadIndex:
     @property
     def cells(self) -> np.ndarray | None:
         """The coarse centroids of the inverted file (None while the search is flat)."""
-        return self._cells if self._ivf is not None else None
+        if self._ivf is None:
+            return None
+        return faiss.downcast_index(self._ivf.quantizer).reconstruct_n(0, self._ivf.nlist)
 
     def _rebuild(self, cells: np.ndarray | None = None) -> None:
         live = np.flatnonzero(self.alive)
@@ -63,8 +64,7 @@ class HeadIndex:
                 cells = km.centroids
             # spherical: a head's cell is the centroid of largest inner product (unit centroids)
             quantizer = faiss.IndexFlatIP(self.dim) if self.spherical else faiss.IndexFlatL2(self.dim)
-            self._cells = np.ascontiguousarray(cells, np.float32)
-            quantizer.add(self._cells)
+            quantizer.add(np.ascontiguousarray(cells, np.float32))
             self._ivf = faiss.IndexIVFFlat(quantizer, self.dim, len(cells), faiss.METRIC_L2)
             self._ivf.is_trained = True
             self._index = self._ivf
