@@ -30,6 +30,7 @@ datastore shard but not yet applied here are replayed from the shard's change lo
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import shutil
@@ -40,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
-from index import heap
+from index import heap, spann_tune
 from index import postings as codec
 from index.base import (
     MISSING_ID,
@@ -158,13 +159,19 @@ class SpannIndex(BulkBuild, Persistence):
         if self.config.refine_iters and 1 < len(heads) < len(sample):
             heads = refine_heads(sample, heads, self.config.refine_iters, self.config.seed)
         self.heads.reset(heads)
+        if self.config.rng_factor is None:
+            choice = spann_tune.choose_rng_factor(sample, total, self.heads.count, self.metric, self.config.max_lists,
+                                                  self.heads.search, self._assign, self.config.seed)
+            self.config = dataclasses.replace(self.config, rng_factor=choice.factor)
         if not self.config.max_posting:
             mean_list = total * min(self.config.replicas, 3) / self.heads.count
             self.max_posting = max(16, int(4 * mean_list))
 
-    def _assign(self, vectors: np.ndarray) -> list[np.ndarray]:
-        """Heads of each vector: closure replication filtered by the RNG rule."""
+    def _assign(self, vectors: np.ndarray, rng_factor: float | None = None) -> list[np.ndarray]:
+        """Heads of each vector: closure replication filtered by the RNG rule (the config's
+        factor unless one is given)."""
         cfg = self.config
+        factor = rng_factor or cfg.rng_factor or spann_tune.FALLBACK
         out: list[np.ndarray] = []
         cand = min(self.heads.count, max(cfg.replicas * 2, 8))
         for start in range(0, len(vectors), 1024):
@@ -185,7 +192,7 @@ class SpannIndex(BulkBuild, Persistence):
                 if not live.any():
                     continue
                 between = apart[:, :j, j]  # (b, j): chosen heads to head j
-                blocked = (chosen[:, :j] & (cfg.rng_factor * between < d[:, j:j + 1])).any(1)
+                blocked = (chosen[:, :j] & (factor * between < d[:, j:j + 1])).any(1)
                 chosen[:, j] = live & ~blocked
                 counts += chosen[:, j]
             out.extend(ids[r][chosen[r]] for r in range(len(x)))
