@@ -413,15 +413,21 @@ class SpannIndex(BulkBuild, Persistence):
             scores = np.full((len(lists), width), -np.inf, np.float32)
             ids = np.full((len(lists), width), MISSING_ID, np.int64)
             by_list = np.argsort(pair_list, kind="stable")
-            bounds = np.flatnonzero(np.diff(pair_list[by_list])) + 1
-            for pairs in np.split(by_list, bounds):  # each distinct list scored once
-                list_ids, rows = entries[pair_list[pairs[0]]]
+            listed = pair_list[by_list]
+            starts = np.flatnonzero(np.r_[True, listed[1:] != listed[:-1]])
+            qs_all, cols_all = pair_q[by_list].tolist(), pair_col[by_list].tolist()
+            for s, e, li in zip(starts.tolist(), np.r_[starts[1:], len(listed)].tolist(), listed[starts].tolist()):
+                list_ids, rows = entries[li]  # each distinct list scored once
                 n = len(list_ids)
                 if not n:
                     continue
-                qs = pair_q[pairs]
-                block = self.rows.score(prepared[qs], rows)
-                for j, (q, c) in enumerate(zip(qs.tolist(), pair_col[pairs].tolist())):
+                if e - s == 1:  # probed by one query of the chunk (the usual case): straight into its row
+                    q, c = qs_all[s], cols_all[s]
+                    self.rows.score_into(prepared[q], rows, scores[q, c:c + n])
+                    ids[q, c:c + n] = list_ids
+                    continue
+                block = self.rows.score(prepared[qs_all[s:e]], rows)
+                for j, (q, c) in enumerate(zip(qs_all[s:e], cols_all[s:e])):
                     scores[q, c:c + n] = block[j]  # slices: cheaper than one fancy scatter
                     ids[q, c:c + n] = list_ids
         top_ids, top_scores = distinct_top(ids, scores, k, self.config.replicas + 1)

@@ -56,6 +56,15 @@ class FloatRows:
         scores -= np.einsum("ij,ij->i", queries, queries)[:, None]
         return np.minimum(scores, 0, out=scores)  # minus squared distances: never above 0
 
+    def score_into(self, query: np.ndarray, rows: np.ndarray, out: np.ndarray) -> None:
+        """One query's similarities to one list's rows, written into `out` (n,): a batch's
+        lists are mostly probed by a single query, and a matrix-vector product into the
+        score table skips a temporary and a copy."""
+        if self.metric == "ip" and rows.dtype == np.float32:
+            np.matmul(rows, query, out=out)
+        else:
+            out[:] = self.score(query[None], rows)[0]
+
 
 class BinaryRows:
     """Entries hold BEBR codes, row-major (n, bits x words) uint64: scan scores rank candidates."""
@@ -82,6 +91,9 @@ class BinaryRows:
     def prepare(self, queries: np.ndarray) -> np.ndarray:
         """The queries' codes (Q, bits, words): SDC binarizes both sides."""
         return self.binarizer.encode(queries)
+
+    def score_into(self, query: np.ndarray, rows: np.ndarray, out: np.ndarray) -> None:
+        out[:] = self.score(query[None], rows)[0]
 
     def score(self, queries: np.ndarray, rows: np.ndarray) -> np.ndarray:
         """Integer SDC scores (Q, n) of prepared query codes (Q, bits, words) against one list's codes."""
