@@ -103,3 +103,31 @@ def test_readers_on_threads_see_whole_values_while_a_writer_rewrites_them(tmp_pa
     assert not errors
     assert store._direct.checked and not store._direct.disabled
     store.close()
+
+
+def test_places_remembered_in_a_snapshot_are_dropped_when_another_process_commits(tmp_path):
+    """Located places hold for one snapshot only: a write by another process (a second shard
+    writer, a CLI) moves the snapshot on, and the next reads find the new values."""
+    import subprocess
+    import sys
+
+    rng = np.random.default_rng(3)
+    store = LmdbBlobStore.open(tmp_path / "s")
+    values = _values(rng, 30, most=60_000)
+    store.write(values)
+    for _ in range(2):  # the second read of the snapshot comes from the remembered places
+        with store.viewing() as read:
+            assert [bytes(b) for b in read(list(values))] == list(values.values())
+    assert 0 < len(store._located[1]) <= len(values)
+    writer = (
+        "import sys, numpy as np; sys.path.insert(0, sys.argv[2]);"
+        "from index.storage import LmdbBlobStore;"
+        "s = LmdbBlobStore.open(sys.argv[1]); rng = np.random.default_rng(9);"
+        "s.write({k: bytes([k % 251]) * int(n) for k, n in zip(range(30), rng.integers(5000, 90_000, 30))}); s.close()"
+    )
+    subprocess.run([sys.executable, "-c", writer, str(tmp_path / "s"), str(__import__("pathlib").Path(__file__).parents[1])],
+                   check=True)
+    with store.viewing() as read:
+        got = read(list(range(30)))
+    assert all(len(b) >= 5000 and bytes(b) == bytes([k % 251]) * len(b) for k, b in enumerate(got))
+    store.close()
