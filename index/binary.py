@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import tempfile
 import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, fields, replace
@@ -51,7 +50,7 @@ from index.base import (
 )
 from index.binarizer_config import BinarizerConfig
 from index.kmeans import balanced_kmeans
-from index.storage import BlobStore, LmdbBlobStore
+from index.storage import BlobStore, LmdbBlobStore, scratch_store
 
 if TYPE_CHECKING:  # torch loads only when a binary index trains or opens
     from index.binarizer import Binarizer
@@ -173,8 +172,7 @@ class BinaryIndex:
         self.words = sdc.words_for(self.m)
         self._scratch: Path | None = None
         if storage is None:  # standalone use (tests, benchmarks): a private LMDB
-            self._scratch = Path(tempfile.mkdtemp(prefix="binary-"))
-            storage = LmdbBlobStore.open(self._scratch / VECTORS_DIR)
+            storage, self._scratch = scratch_store(self, "binary-", VECTORS_DIR)
         self.vectors = FloatStore(storage, dim)
         self.binarizer: Binarizer | None = None
         self.query_binarizers: dict[str, Binarizer] = {}
@@ -576,11 +574,3 @@ class BinaryIndex:
                            "ivf_lists": 0 if self._centroids is None else len(self._centroids),
                            "embedding_version": self.config.embedding_version,
                            "query_versions": sorted(self.query_binarizers)})
-
-    def __del__(self) -> None:
-        scratch = getattr(self, "_scratch", None)
-        if scratch is not None:
-            try:
-                self.vectors.store.close()
-            finally:
-                shutil.rmtree(scratch, ignore_errors=True)

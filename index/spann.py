@@ -34,8 +34,8 @@ import dataclasses
 import logging
 import math
 import shutil
-import tempfile
 import threading
+import weakref
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -63,7 +63,7 @@ from index.spann_heads import HeadIndex, refine_heads
 from index.spann_persist import POSTINGS_DIR, Persistence
 from index.spann_state import SpannState
 from index.spann_tenants import TenantMap
-from index.storage import VECTORS_DB, BlobStore, LmdbBlobStore, ReadStats, VectorStore
+from index.storage import VECTORS_DB, BlobStore, LmdbBlobStore, ReadStats, VectorStore, scratch_store
 
 log = logging.getLogger(__name__)
 
@@ -81,8 +81,7 @@ class SpannIndex(BulkBuild, Persistence):
         self.config = SpannConfig(**config)
         self._scratch: Path | None = None
         if storage is None:  # standalone use (tests, benchmarks): a private LMDB
-            self._scratch = Path(tempfile.mkdtemp(prefix="spann-"))
-            storage = LmdbBlobStore.open(self._scratch / POSTINGS_DIR)
+            storage, self._scratch = scratch_store(self, "spann-", POSTINGS_DIR)
         self.store = storage
         # durable head table and versions beside the lists (none over a non-LMDB store)
         self.state = SpannState(storage) if isinstance(storage, LmdbBlobStore) else None
@@ -113,6 +112,7 @@ class SpannIndex(BulkBuild, Persistence):
         self._raw_seq = 0
         self._staged_ids: list[np.ndarray] = []
         self._spills: list[Path] = []
+        weakref.finalize(self, _remove_dirs, self._spills)  # a build's spills, if it never sealed
         self._sealed = True
 
     def __len__(self) -> int:
@@ -599,12 +599,7 @@ class SpannIndex(BulkBuild, Persistence):
                            "codes": self.config.codes, "entry_bytes": 10 + (self.rows.row_bytes if self.rows else 0),
                            "reads": reads.reads, "bytes_read": reads.bytes})
 
-    def __del__(self) -> None:
-        for d in getattr(self, "_spills", ()):
-            shutil.rmtree(d, ignore_errors=True)
-        scratch = getattr(self, "_scratch", None)
-        if scratch is not None:
-            try:
-                self.store.close()
-            finally:
-                shutil.rmtree(scratch, ignore_errors=True)
+
+def _remove_dirs(dirs: list[Path]) -> None:
+    for d in dirs:
+        shutil.rmtree(d, ignore_errors=True)

@@ -39,7 +39,7 @@ class BulkBuild:
     def _drop_spills(self) -> None:
         for d in self._spills:
             shutil.rmtree(d, ignore_errors=True)
-        self._spills = []
+        self._spills.clear()  # the same list: the index's finalizer holds it
         base = getattr(self.store, "path", None)
         if base and Path(base).is_dir():  # left behind by a build that was killed
             for d in Path(base).glob("spann-*-*"):

@@ -12,7 +12,9 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import shutil
 import struct
+import tempfile
 import threading
 import weakref
 import zlib
@@ -228,6 +230,23 @@ class LmdbBlobStore:
             direct.close()
         if self._owned:
             self.env.close()
+
+
+def scratch_store(owner: object, prefix: str, name: str) -> tuple[LmdbBlobStore, Path]:
+    """A private LMDB in a new temporary directory, closed and removed with `owner` or at
+    exit: a standalone index (tests, benchmarks, notebooks) leaves nothing behind even when
+    it is never closed (a __del__ does not run for objects alive at exit)."""
+    directory = Path(tempfile.mkdtemp(prefix=prefix))
+    store = LmdbBlobStore.open(directory / name)
+    weakref.finalize(owner, _remove_scratch, store, directory)
+    return store, directory
+
+
+def _remove_scratch(store: LmdbBlobStore, directory: Path) -> None:
+    try:
+        store.close()
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 class _DirectValues:

@@ -131,3 +131,25 @@ def test_places_remembered_in_a_snapshot_are_dropped_when_another_process_commit
         got = read(list(range(30)))
     assert all(len(b) >= 5000 and bytes(b) == bytes([k % 251]) * len(b) for k, b in enumerate(got))
     store.close()
+
+
+def test_a_standalone_index_leaves_no_scratch_directory_at_exit(tmp_path):
+    """An index built without storage keeps its lists in a temporary LMDB; a script that
+    exits without closing it (the usual notebook or benchmark) must not leave it behind."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = (
+        "import sys, numpy as np; sys.path.insert(0, sys.argv[1]);"
+        "from index.spann import SpannIndex;"
+        "x = np.random.default_rng(0).standard_normal((3000, 16)).astype(np.float32);"
+        "index = SpannIndex(16, 'l2'); index.add(np.arange(3000), x); index.search(x[:2], 5);"
+        "print(index._scratch)"
+    )
+    out = subprocess.run([sys.executable, "-c", script, str(Path(__file__).parents[1])], check=True,
+                         capture_output=True, text=True, env={**__import__("os").environ, "TMPDIR": str(tmp_path)})
+    scratch = Path(out.stdout.strip().splitlines()[-1])
+    assert scratch.parent == tmp_path
+    assert not scratch.exists()
+    assert not list(tmp_path.iterdir())
