@@ -5,7 +5,9 @@ updated in place the SPFresh way (LIRE: split, reassign, merge; versions for sta
   memory with faiss (flat, or an inverted file over the heads past `head_flat_max`).
 - Closure replication: a vector goes to up to `replicas` heads within (1 + eps1) of its
   nearest head's distance, skipping heads that the RNG rule says lie in the direction of
-  one already chosen (a head closer to a chosen head than to the vector).
+  one already chosen (a head closer to a chosen head than to the vector). The rule's
+  factor is tried on the training sample at build (index/spann_tune.py): how much
+  replication pays depends on the data.
 - Query-aware pruning: probe the heads within (1 + eps2) of the nearest head's distance,
   at most `max_lists`.
 - Posting entries carry (id, version); an entry whose version is not the id's current
