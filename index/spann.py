@@ -596,7 +596,7 @@ class SpannIndex(BulkBuild, Persistence):
             disk += self.floats.store.disk_bytes()
         reads = self.read_stats()
         return IndexStats(self.kind, self._count, self.dim, memory, disk,
-                          {"heads": self.heads.count, "max_posting": self.max_posting,
+                          {"heads": self.heads.count, "max_posting": self.max_posting, "rng_factor": self.config.rng_factor,
                            "stale_versions": len(self._versions), "tombstones": len(self._deleted),
                            "codes": self.config.codes, "entry_bytes": 10 + (self.rows.row_bytes if self.rows else 0),
                            "reads": reads.reads, "bytes_read": reads.bytes})

@@ -69,7 +69,7 @@ def test_chosen_factor_is_saved_and_used_after_reopening(tmp_path):
     assert chosen in spann_tune.CANDIDATES
     index.save(tmp_path / "ix")
     again = SpannIndex.load(tmp_path / "ix")
-    assert again.config.rng_factor == chosen
+    assert again.config.rng_factor == chosen == again.stats().extra["rng_factor"]
     ids = again.search(x[:50], 10).ids
     assert (ids[:, 0] >= 0).all()
     # and still takes inserts (assigned by the saved factor)
