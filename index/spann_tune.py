@@ -35,8 +35,8 @@ FALLBACK = 2.0
 #: Fewer sample vectors than this: too few neighbours to tell factors apart.
 MIN_SAMPLE = 10_000
 QUERIES = 500
-#: Neighbours are searched among at most this many sample vectors.
-BASE_MOST = 100_000
+#: Neighbours are searched among at most this many sample vectors (read in place).
+BASE_MOST = 200_000
 REPLICATION_PROBE = 2_000
 TARGET_RECALL = 0.95
 #: A probed list's fixed cost in float reads (lookup, decode, per-list Python work; measured
@@ -61,13 +61,13 @@ def choose_rng_factor(sample: np.ndarray, total: int, heads: int, metric: str, m
     if len(sample) < MIN_SAMPLE or heads < 2:
         return RngChoice(FALLBACK, {}, {}, {})
     rng = np.random.default_rng(seed)
-    order = rng.permutation(len(sample))
-    queries = np.ascontiguousarray(sample[order[:QUERIES]], np.float32)
-    base = np.ascontiguousarray(sample[order[QUERIES:QUERIES + BASE_MOST]], np.float32)
-    flat = faiss.IndexFlatIP(base.shape[1]) if metric == "ip" else faiss.IndexFlatL2(base.shape[1])
-    with omp_threads(None):
-        flat.add(base)
-        _, near = flat.search(queries, 10)
+    base = np.ascontiguousarray(sample[:BASE_MOST], np.float32)  # a view of the sample: no copy
+    chosen = rng.choice(len(base), min(QUERIES, len(base) // 2), replace=False)
+    queries = base[chosen]
+    with omp_threads(None):  # faiss.knn reads the numpy arrays in place (an index would copy base)
+        _, near = faiss.knn(queries, base, 11, faiss.METRIC_INNER_PRODUCT if metric == "ip" else faiss.METRIC_L2)
+    # each query's 10 nearest other vectors (it finds itself first, bar exact duplicates)
+    near = np.stack([row[row != q][:10] for row, q in zip(near, chosen)])
     probes = min(heads, max(max_lists, 64))
     _, probed = search_heads(queries, probes)
     # rank[q, h]: where head h comes in query q's probe order (probes when not probed)
