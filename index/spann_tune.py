@@ -69,12 +69,7 @@ def choose_rng_factor(sample: np.ndarray, total: int, heads: int, metric: str, m
     # each query's 10 nearest other vectors (it finds itself first, bar exact duplicates)
     near = np.stack([row[row != q][:10] for row, q in zip(near, chosen)])
     probes = min(heads, max(max_lists, 64))
-    _, probed = search_heads(queries, probes)
-    # rank[q, h]: where head h comes in query q's probe order (probes when not probed)
-    rank = np.full((len(queries), int(probed.max()) + 1), probes, np.int32)
-    rows = np.repeat(np.arange(len(queries)), probed.shape[1])
-    valid = probed.ravel() >= 0
-    rank[rows[valid], probed.ravel()[valid]] = np.tile(np.arange(probed.shape[1]), len(queries))[valid]
+    _, probed = search_heads(queries, probes)  # each query's heads in probe order
     neighbours, where = np.unique(near.ravel(), return_inverse=True)
     spread = base[rng.choice(len(base), min(REPLICATION_PROBE, len(base)), replace=False)]
     replication, needed, cost = {}, {}, {}
@@ -83,10 +78,9 @@ def choose_rng_factor(sample: np.ndarray, total: int, heads: int, metric: str, m
         held = assign(base[neighbours], factor)
         found = np.full(near.size, probes, np.int32)
         for j, (q, n) in enumerate(zip(np.repeat(np.arange(len(queries)), 10).tolist(), where.tolist())):
-            hs = held[n]
-            hs = hs[hs < rank.shape[1]]
-            if len(hs):
-                found[j] = rank[q, hs].min()
+            at = np.flatnonzero(np.isin(probed[q], held[n]))  # where the neighbour's lists come
+            if len(at):
+                found[j] = at[0]
         hits = np.sort(found)  # a neighbour is found once this many lists are probed, + 1
         at = min(len(hits) - 1, int(np.ceil(TARGET_RECALL * len(hits))) - 1)
         needed[factor] = int(hits[at]) + 1
