@@ -28,7 +28,7 @@ class SpannConfig:
     closure_epsilon: float = 0.5
     #: RNG rule: skip head h if rng_factor * dist(h, chosen)^2 < dist(x, h)^2. 1.0 is the strict
     #: rule; 2.0 replicates more (GloVe-50: 5.6 entries a vector, recall .966 with 8 lists where
-    #: 1.0 needs ~28). None: chosen at build among 1.0, 1.5 and 2.0 on the training sample
+    #: 1.0 needs over 32). None: chosen at build among 1.0, 1.5 and 2.0 on the training sample
     #: (index/spann_tune.py); the saved config then holds the factor chosen.
     rng_factor: float | None = None
     #: eps2 default: probe heads within (1 + eps2) x the nearest head's distance.

@@ -2,7 +2,7 @@
 
 Why: how much closure replication pays depends on the data, and by a factor of 1.5 in
 query time. On GloVe-50 (no clear clusters) a lax rule (factor 2.0, ~5.6 entries a vector)
-reached recall .966 with 8 lists where the strict rule (1.0, ~1.3 entries) needed ~28 lists
+reached recall .966 with 8 lists where the strict rule (1.0, ~1.3 entries) needed over 32 lists
 of a quarter the size. On syn384 (a 4,096-cluster mixture cut into ~5 lists a cluster) the
 strict rule kept 1.0 entries a vector against 2.1 at the same recall for each list count:
 replicas within one cluster are read twice by a query that probes the whole cluster anyway,
