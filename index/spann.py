@@ -35,7 +35,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import shutil
 import threading
 import weakref
 from collections.abc import Iterable, Sequence
@@ -58,7 +57,7 @@ from index.base import (
 )
 from index.kmeans import balanced_kmeans, hierarchical_heads, squared_distances
 from index.postings import Posting
-from index.spann_build import BulkBuild
+from index.spann_build import BulkBuild, remove_dirs
 from index.spann_codes import BinaryRows, FloatRows, candidates_wanted, rerank
 from index.spann_config import SpannConfig
 from index.spann_heads import HeadIndex, refine_heads
@@ -114,7 +113,7 @@ class SpannIndex(BulkBuild, Persistence):
         self._raw_seq = 0
         self._staged_ids: list[np.ndarray] = []
         self._spills: list[Path] = []
-        weakref.finalize(self, _remove_dirs, self._spills)  # a build's spills, if it never sealed
+        weakref.finalize(self, remove_dirs, self._spills)  # a build's spills, if it never sealed
         self._sealed = True
 
     def __len__(self) -> int:
@@ -601,7 +600,3 @@ class SpannIndex(BulkBuild, Persistence):
                            "codes": self.config.codes, "entry_bytes": 10 + (self.rows.row_bytes if self.rows else 0),
                            "reads": reads.reads, "bytes_read": reads.bytes})
 
-
-def _remove_dirs(dirs: list[Path]) -> None:
-    for d in dirs:
-        shutil.rmtree(d, ignore_errors=True)

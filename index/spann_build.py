@@ -37,8 +37,7 @@ class BulkBuild:
         return LmdbBlobStore.open(d)
 
     def _drop_spills(self) -> None:
-        for d in self._spills:
-            shutil.rmtree(d, ignore_errors=True)
+        remove_dirs(self._spills)
         self._spills.clear()  # the same list: the index's finalizer holds it
         base = getattr(self.store, "path", None)
         if base and Path(base).is_dir():  # left behind by a build that was killed
@@ -216,3 +215,9 @@ class BulkBuild:
         bc = BinarizerConfig(bits=cfg.code_bits, code_dims=cfg.code_dims, epochs=cfg.code_epochs,
                              train_sample=max(2, min(cfg.code_train_sample, len(sample))), seed=cfg.seed)
         self.rows = BinaryRows(Binarizer(self.dim, bc).fit(sample, self.metric))
+
+
+def remove_dirs(dirs: list[Path]) -> None:
+    """Scratch directories gone (spills; also the index's finalizer for a build never sealed)."""
+    for d in dirs:
+        shutil.rmtree(d, ignore_errors=True)
